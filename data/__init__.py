@@ -1,0 +1,1 @@
+"""Data loaders: the embedded cluttered-MNIST default and ImageNet."""
