@@ -52,3 +52,22 @@ def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:
     for name, t in items[1:]:
         if t.dtype != t0.dtype:
             raise ValueError(f"{op}: {name} is {t.dtype} but {name0} is {t0.dtype}; cast them to one dtype")
+
+
+def empty_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate a buffer that a kernel must write in full.
+
+    Every kernel output goes through this one function so the tests can swap it for a
+    NaN-filled allocation and catch elements a kernel leaves unwritten.
+    """
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def compute_dtype(*tensors: torch.Tensor):
+    """Triton compute dtype: fp64 inputs stay fp64 (so gradcheck runs on the kernels), the rest run in fp32.
+
+    fp16/bf16 are upcast right after `tl.load` (bf16 arithmetic is wrong in Triton's interpreter).
+    """
+    import triton.language as tl
+
+    return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
