@@ -1,0 +1,22 @@
+"""SparseFormer v1 (T/S/B and a CPU-sized nano), DeiT baselines, the authors' checkpoint
+converter and a FLOP counter. `create_model(name, **overrides)` is the way in."""
+from .factory import create_model, list_models
+from .flops import count_flops
+from .sparseformer import (
+    SparseFormer,
+    SparseFormerOutput,
+    convert_official_state_dict,
+    export_official_state_dict,
+    load_official_checkpoint,
+)
+
+__all__ = [
+    "create_model",
+    "list_models",
+    "count_flops",
+    "SparseFormer",
+    "SparseFormerOutput",
+    "convert_official_state_dict",
+    "export_official_state_dict",
+    "load_official_checkpoint",
+]

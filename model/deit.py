@@ -1,0 +1,108 @@
+"""DeiT (Touvron et al. 2021) dense baselines for side-by-side benchmarks: a plain ViT with a
+class token, learned position embeddings and patch 16 (DeiT's architecture, no distillation token)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .sparseformer import drop_path
+
+VARIANTS: dict[str, dict] = {
+    "deit_tiny": dict(embed_dim=192, depth=12, num_heads=3, drop_path_rate=0.1),
+    "deit_small": dict(embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1),
+}
+
+
+class Attention(nn.Module):
+    """x (B, T, d) -> (B, T, d)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, d))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int, drop_prob: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_prob, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_prob, self.training)
+
+
+class DeiT(nn.Module):
+    """images (B, in_chans, img_size, img_size) -> logits (B, classes)."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: int = 4,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"DeiT: img_size={img_size} must be a multiple of patch_size={patch_size}")
+        if embed_dim % num_heads:
+            raise ValueError(f"DeiT: embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        self.img_size, self.in_chans, self.num_classes = img_size, in_chans, num_classes
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        num_patches = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def check_input(self, x: Tensor) -> None:
+        expected = (self.in_chans, self.img_size, self.img_size)
+        if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"DeiT expects images (B, {', '.join(map(str, expected))}), got {shape}; "
+                             "create it with img_size=<resolution> for other sizes")
+        if not x.is_floating_point():
+            raise ValueError(f"DeiT expects floating-point images, got {x.dtype}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, T, d)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])

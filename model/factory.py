@@ -1,0 +1,35 @@
+"""`create_model(name, **overrides)`: the one way in to every registered model."""
+from __future__ import annotations
+
+import inspect
+
+import torch.nn as nn
+
+from . import deit, sparseformer
+
+_REGISTRY: dict[str, tuple[type, dict]] = {
+    **{name: (sparseformer.SparseFormer, cfg) for name, cfg in sparseformer.VARIANTS.items()},
+    **{name: (deit.DeiT, cfg) for name, cfg in deit.VARIANTS.items()},
+}
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a registered model; `overrides` replace the variant's defaults.
+
+    SparseFormer keys: num_tokens, num_points, conv_dim, focusing_dim, cortex_dim, cortex_depth,
+    focusing_repeats, num_heads, mlp_ratio, num_classes, in_chans, drop_path_rate, backend.
+    DeiT keys: img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio,
+    drop_path_rate.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    cls, defaults = _REGISTRY[name]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = set(overrides) - accepted
+    if unknown:
+        raise ValueError(f"{name}: unknown override(s) {sorted(unknown)}; accepted: {sorted(accepted)}")
+    return cls(**{**defaults, **overrides})

@@ -1,0 +1,44 @@
+"""Multiply-accumulates counted from the real ops with `torch.utils.flop_counter.FlopCounterMode`.
+
+Our custom ops (`sparseformer::adaptive_mix`, `sparseformer::sparse_sample`) carry FLOP formulas
+(kernels/), so the dynamic-mixing GEMMs are counted like any matmul and can be reported apart:
+papers of this field quote MACs (fvcore's convention) and leave the mixing bmm out.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
+
+import kernels  # noqa: F401  (registers the custom ops and their FLOP formulas)
+
+# The CPU SDPA kernel has no formula in FlopCounterMode; count it like the CUDA ones.
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_SDPA not in flop_registry:
+
+    @register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(model: nn.Module, resolution: int, in_chans: int | None = None, batch_size: int = 1) -> dict:
+    """Count one forward pass at `resolution` x `resolution`.
+
+    Returns MACs per image: `macs` (everything counted), `macs_without_mixing` (the paper's
+    convention), `mixing_macs`, and `by_op` (MACs per op name).
+    """
+    in_chans = in_chans or getattr(model, "in_chans", 3)
+    param = next(model.parameters())
+    x = torch.randn(batch_size, in_chans, resolution, resolution, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        # (no torch.no_grad: FlopCounterMode's module tracker rejects parameters passed as block inputs under it)
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    by_op = {str(op): flops / 2 / batch_size for op, flops in counter.get_flop_counts()["Global"].items()}
+    total = counter.get_total_flops() / 2 / batch_size
+    mixing = by_op.get(str(torch.ops.sparseformer.adaptive_mix), 0.0)
+    return {"macs": total, "macs_without_mixing": total - mixing, "mixing_macs": mixing, "by_op": by_op}

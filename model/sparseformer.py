@@ -1,0 +1,608 @@
+"""SparseFormer v1: sparse visual recognition with a few latent tokens (arXiv 2304.03768).
+
+Faithful to the authors' trained code (see ../shared/docs/SPEC.md): where the paper's text and
+that code disagree, this file follows the code, so the released ImageNet weights load and give
+the same logits (`load_official_checkpoint`, at the bottom of this file).
+
+Reads top-down: helpers -> early convolution -> RoI / sampling-point geometry -> adaptive mixing
+-> blocks (cortex block, sampling block) -> the model -> named variants -> checkpoint conversion.
+Tensors are batch-first inside this file: tokens (B, N, d), RoIs (B, N, 4), points (B, N, P, 2).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels import adaptive_mix, sparse_sample
+from kernels.backend import BACKENDS
+
+LN_EPS = 1e-6  # every LayerNorm of the model (SPEC.md, end of "One sampling unit")
+STD_EPS = 1e-7  # inside the stem's channel standardisation and the sampling-offset standardisation
+
+
+def at_least_fp32(t: Tensor) -> Tensor:
+    """RoI and sampling-point geometry runs in fp32 under AMP (SPEC.md steps 2-3), fp64 stays fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def layer_norm(dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=LN_EPS)
+
+
+def drop_path(x: Tensor, drop_prob: float, training: bool) -> Tensor:
+    """Stochastic depth with one Bernoulli mask per sample of the batch axis 0. x (B, ...)."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+# ----------------------------------------------------------------------------- early convolution
+class EarlyConvolution(nn.Module):
+    """Conv 7x7/2 -> ReLU -> MaxPool 3/2 -> parameter-free channel standardisation.
+
+    x (B, in_chans, H, W) -> feature map (B, H/4, W/4, C), channels-last and contiguous, in fp32
+    when the conv ran in fp16 (the authors promote it, `_maybe_promote`), else the conv's dtype.
+    """
+
+    def __init__(self, in_chans: int = 3, conv_dim: int = 96):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, conv_dim, kernel_size=7, stride=2, padding=3, bias=True)
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        out_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        # (x - mean) / sqrt(var_unbiased + 1e-7) over channels at each pixel (SPEC.md, early convolution)
+        var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=1)
+        x = (x - mean) * torch.rsqrt(var + STD_EPS)
+        return x.permute(0, 2, 3, 1).contiguous().to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- RoI geometry
+def adjust_rois(rois: Tensor, delta: Tensor) -> Tensor:
+    """RoI adjustment (SPEC.md step 2), in fp32.
+
+    rois (B, N, 4) as (x1, y1, x2, y2); delta (B, N, 4) as (dx, dy, dw, dh) ->
+    centre += (dx, dy) * (w, h); (w, h) *= exp(dw, dh); re-encoded to (x1, y1, x2, y2). No clamping.
+    """
+    rois, delta = at_least_fp32(rois), at_least_fp32(delta)
+    xy = (rois[..., 2:] + rois[..., :2]) * 0.5
+    wh = (rois[..., 2:] - rois[..., :2]).abs()
+    xy = xy + delta[..., :2] * wh
+    wh = wh * delta[..., 2:].exp()
+    return torch.cat([xy - 0.5 * wh, xy + 0.5 * wh], dim=-1)
+
+
+def make_sampling_points(rois: Tensor, offsets: Tensor) -> Tensor:
+    """Sampling points (SPEC.md step 3), in fp32.
+
+    rois (B, N, 4); offsets (B, N, P, 2) raw (x, y) offsets -> points (B, N, P, 2) in image
+    coordinates [0, 1]: the offsets standardised per token and axis over P,
+    o_hat = (o - mean) / (3 * (std_unbiased + 1e-7)), then p = centre + o_hat * (x2 - x1, y2 - y1).
+    """
+    offsets = at_least_fp32(offsets)
+    mean = offsets.mean(dim=2, keepdim=True)
+    std = offsets.std(dim=2, keepdim=True) + STD_EPS
+    offsets = (offsets - mean) / (3.0 * std)
+    rois = at_least_fp32(rois)
+    xy = (rois[..., 2:] + rois[..., :2]) * 0.5
+    wh = rois[..., 2:] - rois[..., :2]  # signed here, as in the authors' code
+    return xy.unsqueeze(2) + offsets * wh.unsqueeze(2)
+
+
+def grid_init(n: int) -> Tensor:
+    """(n, 2) centres (x, y) of a sqrt(n) x sqrt(n) grid over [0, 1], x varying fastest; rows
+    beyond root^2 are left at 0.5 (the authors leave them at random values)."""
+    root = int(math.isqrt(n))
+    centres = (torch.arange(root, dtype=torch.float32) + 0.5) / root
+    grid = torch.full((n, 2), 0.5)
+    grid[: root * root, 0] = centres.repeat(root)
+    grid[: root * root, 1] = centres.repeat_interleave(root)
+    return grid
+
+
+# ----------------------------------------------------------------------------- adaptive mixing
+class AdaptiveMixing(nn.Module):
+    """Per-token dynamic channel and spatial mixing of the sampled features (SPEC.md step 5).
+
+    A generator LN -> Linear(d, d/4) -> Linear(d/4, C*C + P*P) gives, per token, Mc (C_in, C_out)
+    and Ms (P_out, P_in); the mixed (P, C) tile is flattened point-major and projected to d.
+    """
+
+    def __init__(self, dim: int, conv_dim: int, num_points: int):
+        super().__init__()
+        self.conv_dim, self.num_points = conv_dim, num_points
+        self.parameter_generator = nn.Sequential(
+            layer_norm(dim),
+            nn.Linear(dim, dim // 4),
+            nn.Linear(dim // 4, conv_dim * conv_dim + num_points * num_points),
+        )
+        self.m_beta = nn.Parameter(torch.zeros(conv_dim))
+        self.s_beta = nn.Parameter(torch.zeros(num_points))
+        self.out_proj = nn.Linear(num_points * conv_dim, dim)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        C, P = self.conv_dim, self.num_points
+        generator = self.parameter_generator
+        generator[0].weight.fill_(generator[0].normalized_shape[0] ** -0.5)
+        nn.init.zeros_(generator[2].weight)
+        nn.init.xavier_uniform_(generator[2].bias[: C * C].view(C, C))
+        nn.init.xavier_uniform_(generator[2].bias[C * C :].view(P, P))
+
+    def forward(self, sampled: Tensor, tokens: Tensor, backend: str) -> Tensor:
+        """sampled (B, N, P, C), tokens (B, N, d) -> (B, N, d)."""
+        B, N, P, C = sampled.shape
+        params = self.parameter_generator(tokens)  # (B, N, C*C + P*P), in the autocast dtype if any
+        channel_weight = params[..., : C * C].view(B, N, C, C)
+        spatial_weight = params[..., C * C :].view(B, N, P, P)
+        dtype = params.dtype
+        mixed = adaptive_mix(
+            sampled.to(dtype),
+            channel_weight,
+            self.m_beta.to(dtype),
+            spatial_weight,
+            self.s_beta.to(dtype),
+            backend=backend,
+        )
+        return self.out_proj(mixed.reshape(B, N, P * C))
+
+
+# ----------------------------------------------------------------------------- blocks
+class MultiheadSelfAttention(nn.Module):
+    """Self-attention with `nn.MultiheadAttention`'s parameters (in_proj_weight/bias, out_proj),
+    batch-first. x (B, N, d) -> (B, N, d)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, d = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(B, N, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d/heads)
+        return self.out_proj(out.transpose(1, 2).reshape(B, N, d))
+
+
+class CortexBlock(nn.Module):
+    """Pre-LN transformer block over the latent tokens: attention then FFN (SPEC.md steps 1, 6)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.ln_attn = layer_norm(dim)
+        # The trained code builds nn.MultiheadAttention(d, 64 if d >= 64 else d) (SPEC.md step 1).
+        self.attn = MultiheadSelfAttention(dim, min(num_heads, dim))
+        self.ffn = nn.Sequential(
+            layer_norm(dim), nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim)
+        )
+
+    def forward(self, tokens: Tensor, drop_prob: float) -> Tensor:
+        tokens = tokens + drop_path(self.attn(self.ln_attn(tokens)), drop_prob, self.training)
+        return tokens + drop_path(self.ffn(tokens), drop_prob, self.training)
+
+
+class SamplingBlock(CortexBlock):
+    """A block that also adjusts the RoIs, samples the feature map and mixes what it sampled:
+    the focusing unit and cortex block 1 (SPEC.md steps 1-6, in that order)."""
+
+    def __init__(self, dim: int, num_heads: int, conv_dim: int, num_points: int, mlp_ratio: int = 4):
+        super().__init__(dim, num_heads, mlp_ratio)
+        self.num_points = num_points
+        self.roi_adjust_module = nn.Sequential(layer_norm(dim), nn.Linear(dim, 4, bias=False))
+        self.roi_offset_module = nn.Sequential(layer_norm(dim), nn.Linear(dim, 2 * num_points, bias=False))
+        self.roi_offset_bias = nn.Parameter(torch.zeros(2 * num_points))
+        self.adaptive_mixing = AdaptiveMixing(dim, conv_dim, num_points)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for head in (self.roi_adjust_module, self.roi_offset_module):
+            head[0].weight.fill_(head[0].normalized_shape[0] ** -0.5)
+        nn.init.zeros_(self.roi_adjust_module[1].weight)  # the offset Linear keeps std 0.02 (as trained)
+        self.roi_offset_bias.copy_((grid_init(self.num_points) - 0.5).flatten())
+        self.adaptive_mixing.init_weights()
+
+    def forward(
+        self, tokens: Tensor, rois: Tensor, features: Tensor, drop_prob: float, grad_clamp: float, backend: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """tokens (B, N, d), rois (B, N, 4), features (B, h, w, C) -> tokens, rois, points (B, N, P, 2)."""
+        B, N, _ = tokens.shape
+        tokens = tokens + drop_path(self.attn(self.ln_attn(tokens)), drop_prob, self.training)
+        delta = drop_path(at_least_fp32(self.roi_adjust_module(tokens)), drop_prob, self.training)
+        rois = adjust_rois(rois, delta)
+        offsets = at_least_fp32(self.roi_offset_module(tokens)) + self.roi_offset_bias
+        points = make_sampling_points(rois, offsets.view(B, N, self.num_points, 2))
+        sampled = sparse_sample(features, points, point_grad_clamp=grad_clamp, backend=backend)
+        mixed = self.adaptive_mixing(sampled, tokens, backend)
+        tokens = tokens + drop_path(mixed, drop_prob, self.training)
+        return tokens + drop_path(self.ffn(tokens), drop_prob, self.training), rois, points
+
+
+class ClassifierHead(nn.Module):
+    """Mean over tokens -> LayerNorm -> Linear. tokens (B, N, d) -> logits (B, classes)."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = layer_norm(dim)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.classifier(self.norm(tokens.mean(dim=1)))
+
+
+# ----------------------------------------------------------------------------- the model
+@dataclass
+class SparseFormerOutput:
+    """logits (B, classes); embedding (B, N, d_c) final tokens after the head's LayerNorm;
+    rois / points: one (B, N, 4) / (B, N, P, 2) entry per sampling step, in [0, 1] image coordinates."""
+
+    logits: Tensor
+    embedding: Tensor
+    rois: list[Tensor] = field(default_factory=list)
+    points: list[Tensor] = field(default_factory=list)
+
+
+class SparseFormer(nn.Module):
+    """Early convolution -> focusing transformer (one SamplingBlock applied `focusing_repeats` times,
+    shared weights) -> transition -> cortex transformer (block 1 samples again) -> head."""
+
+    def __init__(
+        self,
+        num_tokens: int = 49,
+        num_points: int = 36,
+        conv_dim: int = 96,
+        focusing_dim: int = 256,
+        cortex_dim: int = 512,
+        cortex_depth: int = 8,
+        focusing_repeats: int = 4,
+        num_heads: int = 64,
+        mlp_ratio: int = 4,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_path_rate: float = 0.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        checks = {
+            "num_tokens": num_tokens, "num_points": num_points, "conv_dim": conv_dim,
+            "focusing_dim": focusing_dim, "cortex_dim": cortex_dim, "cortex_depth": cortex_depth,
+            "focusing_repeats": focusing_repeats, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
+            "num_classes": num_classes, "in_chans": in_chans,
+        }  # fmt: skip
+        for key, value in checks.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SparseFormer: {key} must be a positive integer, got {value!r}")
+        if num_points < 2:
+            raise ValueError(f"SparseFormer: num_points must be >= 2 (offsets are standardised over points), got {num_points}")
+        for key, dim in (("focusing_dim", focusing_dim), ("cortex_dim", cortex_dim)):
+            heads = min(num_heads, dim)
+            if dim % heads or dim < 4:
+                raise ValueError(f"SparseFormer: {key}={dim} must be >= 4 and divisible by num_heads={heads}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"SparseFormer: drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        if backend not in BACKENDS:
+            raise ValueError(f"SparseFormer: backend must be one of {BACKENDS}, got {backend!r}")
+        self.num_tokens, self.num_points, self.in_chans = num_tokens, num_points, in_chans
+        self.num_classes, self.focusing_repeats = num_classes, focusing_repeats
+        self.backend = backend
+        # Multiplier of the sampling-gradient clamp +-(1/h_feat) * scale: the training loop sets it
+        # to the AMP loss scale (the authors' RestrictGradNorm.GRAD_SCALE).
+        self.sampling_grad_scale = 1.0
+
+        self.stem = EarlyConvolution(in_chans, conv_dim)
+        self.token_embedding = nn.Parameter(torch.empty(num_tokens, focusing_dim))
+        self.token_roi = nn.Parameter(torch.empty(num_tokens, 4))
+        self.focusing = SamplingBlock(focusing_dim, num_heads, conv_dim, num_points, mlp_ratio)
+        self.transition = (
+            nn.Sequential(nn.Linear(focusing_dim, cortex_dim), layer_norm(cortex_dim))
+            if focusing_dim != cortex_dim
+            else nn.Identity()
+        )
+        self.cortex = nn.ModuleList(
+            [SamplingBlock(cortex_dim, num_heads, conv_dim, num_points, mlp_ratio)]
+            + [CortexBlock(cortex_dim, num_heads, mlp_ratio) for _ in range(cortex_depth - 1)]
+        )
+        self.head = ClassifierHead(cortex_dim, num_classes)
+        # linspace(0, rate, repeats + depth): the focusing repeats take the first ones, each cortex block one.
+        self.drop_path_rates = torch.linspace(0, drop_path_rate, focusing_repeats + cortex_depth).tolist()
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """SPEC.md "Initialisation": Linear trunc-normal 0.02, LN (1, 0), then the special heads."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, MultiheadSelfAttention):
+                nn.init.trunc_normal_(m.in_proj_weight, std=0.02)
+                nn.init.zeros_(m.in_proj_bias)
+        nn.init.kaiming_normal_(self.stem.conv1.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():
+            if isinstance(m, SamplingBlock):
+                m.init_weights()
+        nn.init.trunc_normal_(self.token_embedding, std=1.0)
+        self.token_roi.copy_(self.initial_rois(self.num_tokens))
+
+    @staticmethod
+    def initial_rois(n: int) -> Tensor:
+        """(n, 4) boxes: a root x root grid of half-size boxes, token k at x-index k // root and
+        y-index k % root; tokens beyond root^2 cover the whole image."""
+        root = int(math.isqrt(n))
+        rois = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(n, 1)
+        u = torch.arange(root, dtype=torch.float32) / max(root - 1, 1)
+        ux, uy = u.repeat_interleave(root), u.repeat(root)
+        rois[: root * root] = torch.stack([0.5 * ux, 0.5 * uy, 0.5 * ux + 0.5, 0.5 * uy + 0.5], dim=1)
+        return rois
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that skip weight decay besides norms, biases and 1-D params (SPEC.md recipe)."""
+        return {"token_roi"}
+
+    def check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"SparseFormer expects images (B, {self.in_chans}, H, W), got {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"SparseFormer expects floating-point images, got {x.dtype}; convert with x.float()")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"SparseFormer was built for {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
+                "set in_chans when creating the model"
+            )
+        if min(x.shape[2:]) < 8:
+            raise ValueError(f"SparseFormer's stem needs images of at least 8x8 pixels, got {tuple(x.shape[2:])}")
+
+    def forward(self, x: Tensor, return_aux: bool = False) -> Tensor | SparseFormerOutput:
+        """x (B, in_chans, H, W) -> logits (B, classes), or SparseFormerOutput if `return_aux`."""
+        self.check_input(x)
+        features = self.stem(x)  # (B, h, w, C)
+        B = x.shape[0]
+        tokens = self.token_embedding.unsqueeze(0).expand(B, -1, -1)
+        rois = self.token_roi.unsqueeze(0).expand(B, -1, -1)
+        grad_clamp = self.sampling_grad_scale / features.shape[1]  # +-(1/h_feat) * scale (SPEC.md step 4)
+        all_rois, all_points = [], []
+        for i in range(self.focusing_repeats):
+            tokens, rois, points = self.focusing(
+                tokens, rois, features, self.drop_path_rates[i], grad_clamp, self.backend
+            )
+            all_rois.append(rois)
+            all_points.append(points)
+        tokens = self.transition(tokens)
+        for j, block in enumerate(self.cortex):
+            rate = self.drop_path_rates[self.focusing_repeats + j]
+            if isinstance(block, SamplingBlock):
+                tokens, rois, points = block(tokens, rois, features, rate, grad_clamp, self.backend)
+                all_rois.append(rois)
+                all_points.append(points)
+            else:
+                tokens = block(tokens, rate)
+        logits = self.head(tokens)
+        if not return_aux:
+            return logits
+        return SparseFormerOutput(logits, self.head.norm(tokens), all_rois, all_points)
+
+
+# ----------------------------------------------------------------------------- named variants
+# The released ImageNet-1K models (SPEC.md "Variants"), plus a CPU-sized one for the embedded demo data.
+VARIANTS: dict[str, dict] = {
+    "sparseformer_t": dict(num_tokens=49, focusing_dim=256, cortex_dim=512, cortex_depth=8, drop_path_rate=0.2),
+    "sparseformer_s": dict(num_tokens=64, focusing_dim=320, cortex_dim=640, cortex_depth=8, drop_path_rate=0.3),
+    "sparseformer_b": dict(num_tokens=81, focusing_dim=384, cortex_dim=768, cortex_depth=10, drop_path_rate=0.4),
+    "sparseformer_nano": dict(
+        num_tokens=16, num_points=16, conv_dim=32, focusing_dim=64, cortex_dim=128, cortex_depth=2,
+        num_heads=8, drop_path_rate=0.0,
+    ),
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- checkpoint conversion
+# Authors' v1 key layout: feat_extractor.conv1, token_roi.weight / token_embedding.weight (nn.Embedding;
+# initial_roi / initial_embedding in the public repo), layers.0 = focusing unit, layers.1 = transition
+# (absent when the two widths are equal), then the cortex blocks, head.{norm, classifier}; the mixing
+# projection is named `tuo_proj` in the released files (`out_proj` in the public repo).
+_WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
+
+
+def _unwrap_state_dict(obj, use_ema: bool) -> tuple[dict, Optional[dict]]:
+    """Return (state_dict, authors' config if stored beside it) from a bare or wrapped checkpoint."""
+    config = None
+    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
+        config = obj["config"]
+    order = ("model_ema",) + _WRAPPER_KEYS if use_ema else _WRAPPER_KEYS
+    while isinstance(obj, dict):
+        inner = next((obj[k] for k in order if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint must be a state dict (or a dict wrapping one), got {type(obj).__name__}")
+    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not state:
+        raise ValueError(
+            f"no state dict found in checkpoint: keys are {sorted(obj)[:20]}; "
+            f"expected parameter tensors, bare or under one of {_WRAPPER_KEYS}"
+        )
+    return state, config
+
+
+def _official_layout(state: dict) -> tuple[bool, int]:
+    """(has_transition, index of the first cortex layer) in the authors' `layers.*` numbering."""
+    has_transition = "layers.1.0.weight" in state and state["layers.1.0.weight"].dim() == 2
+    return has_transition, 2 if has_transition else 1
+
+
+def config_from_official(config: dict) -> dict:
+    """The authors' SparseFormer(...) constructor arguments -> our SparseFormer keyword arguments."""
+    known = {"conv_dim", "num_latent_tokens", "token_sampling_points", "width_configurations", "block_sizes",
+             "repeats", "drop_path_rate", "num_classes", "num_heads", "in_chans"}  # fmt: skip
+    unknown = set(config) - known
+    if unknown:
+        raise ValueError(f"unknown keys in the authors' config: {sorted(unknown)}; known: {sorted(known)}")
+    widths = config.get("width_configurations", [256, 512])
+    blocks = config.get("block_sizes", [1, 8])
+    repeats = config.get("repeats", [4, 1])
+    if len(widths) != 2 or len(blocks) != 2 or blocks[0] != 1 or repeats[1:] != [1]:
+        raise ValueError(
+            "only the v1 layout (one focusing unit repeated, then cortex blocks) is supported: "
+            f"width_configurations={widths}, block_sizes={blocks}, repeats={repeats}"
+        )
+    out = dict(
+        conv_dim=config.get("conv_dim", 96),
+        num_tokens=config.get("num_latent_tokens", 49),
+        num_points=config.get("token_sampling_points", 36),
+        focusing_dim=widths[0],
+        cortex_dim=widths[1],
+        cortex_depth=blocks[1],
+        focusing_repeats=repeats[0],
+        drop_path_rate=config.get("drop_path_rate", 0.0),
+    )
+    out.update({k: config[k] for k in ("num_classes", "num_heads", "in_chans") if k in config})
+    return out
+
+
+def infer_config(state: dict) -> dict:
+    """Our keyword arguments from the shapes of an authors' state dict (heads and focusing
+    repeats are not visible in shapes: the v1 values 64 and 4 are used)."""
+    _, first = _official_layout(state)
+    try:
+        roi = state.get("token_roi.weight", state.get("initial_roi.weight"))
+        emb = state.get("token_embedding.weight", state.get("initial_embedding.weight"))
+        depth = len({k.split(".")[1] for k in state if k.startswith("layers.") and int(k.split(".")[1]) >= first})
+        return dict(
+            num_tokens=roi.shape[0],
+            num_points=state["layers.0.roi_offset_bias"].shape[0] // 2,
+            conv_dim=state["feat_extractor.conv1.weight"].shape[0],
+            in_chans=state["feat_extractor.conv1.weight"].shape[1],
+            focusing_dim=emb.shape[1],
+            cortex_dim=state["head.norm.weight"].shape[0],
+            cortex_depth=depth,
+            num_classes=state["head.classifier.weight"].shape[0],
+        )
+    except (KeyError, AttributeError) as err:
+        raise ValueError(f"cannot infer the SparseFormer variant: this is not an authors' v1 state dict ({err!r})")
+
+
+def _official_to_ours_key(key: str, first_cortex: int) -> Optional[str]:
+    renames = {
+        "feat_extractor.conv1.": "stem.conv1.",
+        "token_roi.weight": "token_roi",
+        "initial_roi.weight": "token_roi",
+        "token_embedding.weight": "token_embedding",
+        "initial_embedding.weight": "token_embedding",
+        "head.": "head.",
+    }
+    for old, new in renames.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    if not key.startswith("layers."):
+        return None
+    _, index, rest = key.split(".", 2)
+    index = int(index)
+    rest = rest.replace("adaptive_mixing.tuo_proj.", "adaptive_mixing.out_proj.")
+    if index == 0:
+        return f"focusing.{rest}"
+    if index < first_cortex:
+        return f"transition.{rest}"
+    return f"cortex.{index - first_cortex}.{rest}"
+
+
+def convert_official_state_dict(state: dict, model: "SparseFormer") -> dict:
+    """Authors' v1 state dict -> ours for `model`; raises listing every key it cannot place or misses."""
+    _, first = _official_layout(state)
+    ours = model.state_dict()
+    converted, unplaced, mismatched = {}, [], []
+    for key, value in state.items():
+        new = _official_to_ours_key(key, first)
+        if new is None or new not in ours:
+            unplaced.append(key)
+        elif tuple(ours[new].shape) != tuple(value.shape):
+            mismatched.append(f"{key} {tuple(value.shape)} -> {new} {tuple(ours[new].shape)}")
+        else:
+            converted[new] = value
+    missing = sorted(set(ours) - set(converted))
+    if unplaced or mismatched or missing:
+        raise ValueError(
+            "official checkpoint does not match the model:\n"
+            + (f"  keys it cannot place: {unplaced}\n" if unplaced else "")
+            + (f"  shape mismatches: {mismatched}\n" if mismatched else "")
+            + (f"  model keys missing from the checkpoint: {missing}\n" if missing else "")
+        )
+    return converted
+
+
+def export_official_state_dict(model: "SparseFormer") -> dict:
+    """Our weights in the authors' released v1 layout (inverse of `convert_official_state_dict`)."""
+    first = 2 if isinstance(model.transition, nn.Sequential) else 1
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("stem.conv1."):
+            new = "feat_extractor." + key[len("stem.") :]
+        elif key in ("token_roi", "token_embedding"):
+            new = key + ".weight"
+        elif key.startswith("focusing."):
+            new = "layers.0." + key[len("focusing.") :]
+        elif key.startswith("transition."):
+            new = "layers.1." + key[len("transition.") :]
+        elif key.startswith("cortex."):
+            _, index, rest = key.split(".", 2)
+            new = f"layers.{int(index) + first}.{rest}"
+        else:
+            new = key
+        out[new.replace("adaptive_mixing.out_proj.", "adaptive_mixing.tuo_proj.")] = value
+    return out
+
+
+def load_official_checkpoint(
+    path_or_state_dict, config=None, *, use_ema: bool = False, **overrides
+) -> "SparseFormer":
+    """Our SparseFormer holding the authors' released v1 weights.
+
+    Args:
+        path_or_state_dict: a checkpoint file, or a state dict; bare or wrapped under
+            `model` / `model_ema` / `state_dict` (a `module.` prefix is stripped).
+        config: None (infer the variant from shapes, or use an authors' config stored in the file),
+            a variant name (e.g. "sparseformer_t"), our keyword arguments, or the authors'
+            constructor arguments (`num_latent_tokens`, `width_configurations`, ...).
+        use_ema: prefer the `model_ema` weights when the file has both.
+        overrides: extra keyword arguments for the model (e.g. backend, drop_path_rate).
+    """
+    obj = path_or_state_dict
+    if not isinstance(obj, dict):
+        obj = torch.load(obj, map_location="cpu", weights_only=True)
+    state, stored_config = _unwrap_state_dict(obj, use_ema)
+    config = stored_config if config is None else config
+    if config is None:
+        kwargs = infer_config(state)
+    elif isinstance(config, str):
+        if config not in VARIANTS:
+            raise ValueError(f"unknown SparseFormer variant {config!r}; known: {sorted(VARIANTS)}")
+        kwargs = {**VARIANTS[config], "drop_path_rate": 0.0}
+    elif {"num_latent_tokens", "width_configurations", "block_sizes"} & set(config):
+        kwargs = config_from_official(dict(config))
+    else:
+        kwargs = dict(config)
+    if config is not None:  # classes / channels are always visible in the weights
+        inferred = infer_config(state)
+        kwargs = {"num_classes": inferred["num_classes"], "in_chans": inferred["in_chans"], **kwargs}
+    model = SparseFormer(**{**kwargs, **overrides})
+    model.load_state_dict(convert_official_state_dict(state, model))
+    return model

@@ -1,0 +1,178 @@
+"""SparseFormer model: variants, inputs, geometry, initialisation, FLOPs (issue: model)."""
+import math
+
+import pytest
+import torch
+
+import model
+from model.sparseformer import SparseFormer, adjust_rois, make_sampling_points
+
+EXACT_PARAMS = {
+    "sparseformer_t": 31_522_212,
+    "sparseformer_s": 47_575_056,
+    "sparseformer_b": 81_076_996,
+    "deit_tiny": 5_717_416,
+    "deit_small": 22_050_664,
+}
+TINY = dict(num_tokens=4, num_points=4, conv_dim=8, focusing_dim=16, cortex_dim=32, cortex_depth=2, num_heads=4,
+            num_classes=5, backend="torch")  # fmt: skip
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(EXACT_PARAMS))
+def test_exact_parameter_counts(name):
+    assert n_params(model.create_model(name, num_classes=1000)) == EXACT_PARAMS[name]
+
+
+def test_registry_lists_every_variant_and_rejects_unknown_names():
+    names = model.list_models()
+    assert {"sparseformer_t", "sparseformer_s", "sparseformer_b", "sparseformer_nano", "deit_tiny", "deit_small"} <= set(names)
+    with pytest.raises(ValueError, match="known models: .*sparseformer_t"):
+        model.create_model("sparseformer_xl")
+    with pytest.raises(ValueError, match="unknown override.*num_tokenz"):
+        model.create_model("sparseformer_t", num_tokenz=3)
+
+
+def test_overrides_change_the_architecture():
+    m = model.create_model("sparseformer_nano", **TINY, in_chans=1, drop_path_rate=0.1)
+    assert m.token_embedding.shape == (4, 16) and m.token_roi.shape == (4, 4)
+    assert m.stem.conv1.weight.shape == (8, 1, 7, 7)
+    assert len(m.cortex) == 2 and m.head.classifier.out_features == 5
+    assert m.cortex[0].attn.num_heads == 4
+    assert m.drop_path_rates == pytest.approx(torch.linspace(0, 0.1, 6).tolist())
+
+
+def test_forward_returns_logits_and_aux():
+    m = model.create_model("sparseformer_nano", **TINY).eval()
+    x = torch.randn(3, 3, 32, 40)
+    logits = m(x)
+    assert logits.shape == (3, 5) and torch.isfinite(logits).all()
+    out = m(x, return_aux=True)
+    torch.testing.assert_close(out.logits, logits)
+    assert out.embedding.shape == (3, 4, 32)
+    assert len(out.rois) == len(out.points) == 5  # 4 focusing repeats + cortex block 1
+    assert all(r.shape == (3, 4, 4) for r in out.rois)
+    assert all(p.shape == (3, 4, 4, 2) for p in out.points)
+
+
+def test_float64_and_backward_run():
+    m = model.create_model("sparseformer_nano", **TINY).double()
+    x = torch.randn(2, 3, 24, 24, dtype=torch.float64, requires_grad=True)
+    m(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+@pytest.mark.parametrize(
+    "x, match",
+    [
+        (torch.randn(3, 32, 32), r"expects images \(B, 3, H, W\)"),
+        (torch.randn(1, 1, 32, 32), "built for 3 input channels, got 1"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "floating-point"),
+        (torch.randn(1, 3, 4, 32), "at least 8x8"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(x, match):
+    m = model.create_model("sparseformer_nano", **TINY)
+    with pytest.raises(ValueError, match=match):
+        m(x)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(num_tokens=0), "num_tokens must be a positive integer"),
+        (dict(focusing_dim=30, num_heads=4), "divisible by num_heads"),
+        (dict(drop_path_rate=1.5), "drop_path_rate"),
+        (dict(backend="cuda"), "backend must be one of"),
+        (dict(num_points=1), "num_points must be >= 2"),
+    ],
+)
+def test_bad_configs_raise_clear_errors(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        model.create_model("sparseformer_nano", **{**TINY, **overrides})
+
+
+def test_deit_rejects_wrong_resolution():
+    m = model.create_model("deit_tiny", img_size=64, depth=1)
+    assert m(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+    with pytest.raises(ValueError, match="img_size"):
+        m(torch.randn(1, 3, 32, 32))
+
+
+def test_initial_rois_and_offset_grid_follow_the_spec():
+    m = SparseFormer(num_tokens=10, num_points=9, conv_dim=8, focusing_dim=16, cortex_dim=16, cortex_depth=1, num_heads=4)
+    # root = 3: token k at x-index k // 3, y-index k % 3, half-size boxes; token 9 covers the image.
+    k = 5
+    ux, uy = (k // 3) / 2, (k % 3) / 2
+    torch.testing.assert_close(m.token_roi[k], torch.tensor([0.5 * ux, 0.5 * uy, 0.5 * ux + 0.5, 0.5 * uy + 0.5]))
+    torch.testing.assert_close(m.token_roi[9], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    bias = m.focusing.roi_offset_bias.view(9, 2)
+    torch.testing.assert_close(bias[1], torch.tensor([1.5 / 3 - 0.5, 0.5 / 3 - 0.5]))  # x varies fastest
+    assert torch.all(m.focusing.roi_adjust_module[1].weight == 0)
+    assert torch.all(m.cortex[0].adaptive_mixing.parameter_generator[2].weight == 0)
+    assert m.focusing.roi_offset_module[1].weight.std() > 0.005  # offset Linear keeps its std-0.02 init
+    torch.testing.assert_close(m.focusing.roi_adjust_module[0].weight, torch.full((16,), 0.25))
+    assert m.no_weight_decay() == {"token_roi"}
+
+
+def test_roi_adjust_and_points_geometry():
+    rois = torch.tensor([[[0.2, 0.2, 0.6, 0.4]]])
+    delta = torch.tensor([[[0.5, -1.0, math.log(2.0), 0.0]]])
+    # centre (0.4, 0.3) + (0.5*0.4, -1*0.2) = (0.6, 0.1); size (0.8, 0.2)
+    torch.testing.assert_close(adjust_rois(rois, delta), torch.tensor([[[0.2, 0.0, 1.0, 0.2]]]))
+    offsets = torch.tensor([-1.0, 1.0]).view(1, 1, 2, 1).expand(1, 1, 2, 2)
+    points = make_sampling_points(rois, offsets)
+    # standardised offsets are +-1 / (3 * sqrt(2) + 3e-7); scaled by the box size (0.4, 0.2)
+    half = 1.0 / (3 * (math.sqrt(2.0) + 1e-7))
+    expected = torch.tensor([[0.4 - half * 0.4, 0.3 - half * 0.2], [0.4 + half * 0.4, 0.3 + half * 0.2]])
+    torch.testing.assert_close(points[0, 0], expected)
+
+
+def test_drop_path_is_per_sample_and_off_in_eval():
+    m = model.create_model("sparseformer_nano", **{**TINY, "drop_path_rate": 0.9})
+    x = torch.randn(1, 3, 24, 24).expand(16, -1, -1, -1)
+    m.train()
+    out = m(x)
+    assert not torch.allclose(out[0], out[1:]), "per-sample masks must give different outputs for equal inputs"
+    m.eval()
+    out = m(x)
+    torch.testing.assert_close(out, out[:1].expand_as(out))
+
+
+def test_sampling_grad_scale_scales_the_point_gradient_clamp():
+    m = model.create_model("sparseformer_nano", **TINY)
+    x = torch.randn(2, 3, 32, 32)
+    grads = {}
+    for scale in (1e-6, 1.0):
+        m.zero_grad()
+        m.sampling_grad_scale = scale
+        m(x).square().sum().backward()
+        grads[scale] = m.token_roi.grad.clone()
+    assert grads[1e-6].abs().max() < grads[1.0].abs().max()
+
+
+@pytest.mark.parametrize(
+    "name, expected, mixing",
+    [("sparseformer_t", 2.07, 0.11), ("sparseformer_s", 3.86, 0.15), ("sparseformer_b", 7.82, 0.19)],
+)
+def test_flops_match_the_paper(name, expected, mixing):
+    counted = model.count_flops(model.create_model(name), 224)
+    assert counted["macs_without_mixing"] / 1e9 == pytest.approx(expected, rel=0.02)
+    assert counted["mixing_macs"] / 1e9 == pytest.approx(mixing, rel=0.05)
+    assert counted["macs"] == pytest.approx(counted["macs_without_mixing"] + counted["mixing_macs"])
+
+
+def test_flops_resolution_table_for_t():
+    m = model.create_model("sparseformer_t")
+    table = {160: 1.99, 224: 2.07, 288: 2.19, 384: 2.42, 512: 2.82}
+    for resolution, expected in table.items():
+        assert model.count_flops(m, resolution)["macs_without_mixing"] / 1e9 == pytest.approx(expected, rel=0.02)
+
+
+def test_flops_of_dense_baseline():
+    counted = model.count_flops(model.create_model("deit_small"), 224)
+    assert counted["macs"] / 1e9 == pytest.approx(4.6, rel=0.02) and counted["mixing_macs"] == 0
