@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import torch
+import triton.language as tl
 
 BACKENDS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -68,6 +69,4 @@ def compute_dtype(*tensors: torch.Tensor):
 
     fp16/bf16 are upcast right after `tl.load` (bf16 arithmetic is wrong in Triton's interpreter).
     """
-    import triton.language as tl
-
     return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
