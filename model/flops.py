@@ -42,3 +42,24 @@ def count_flops(model: nn.Module, resolution: int, in_chans: int | None = None, 
     total = counter.get_total_flops() / 2 / batch_size
     mixing = by_op.get(str(torch.ops.sparseformer.adaptive_mix), 0.0)
     return {"macs": total, "macs_without_mixing": total - mixing, "mixing_macs": mixing, "by_op": by_op}
+
+
+def main() -> None:
+    """`python -m model.flops`: parameters and counted GMACs of every registered model at 224,
+    and SparseFormer-T against resolution."""
+    from .factory import create_model, list_models
+
+    print(f"{'model':<20}{'params':>14}{'GMACs w/o mixing':>18}{'mixing GMACs':>14}")
+    for name in list_models():
+        m = create_model(name)
+        c = count_flops(m, 224)
+        n = sum(p.numel() for p in m.parameters())
+        print(f"{name:<20}{n:>14,}{c['macs_without_mixing'] / 1e9:>18.3f}{c['mixing_macs'] / 1e9:>14.3f}")
+    m = create_model("sparseformer_t")
+    print("\nsparseformer_t GMACs (without mixing) against resolution")
+    for resolution in (160, 224, 288, 384, 512, 1024):
+        print(f"{resolution:>6}: {count_flops(m, resolution)['macs_without_mixing'] / 1e9:.3f}")
+
+
+if __name__ == "__main__":
+    main()
