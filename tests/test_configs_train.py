@@ -1,0 +1,140 @@
+"""Every config composes, validates and instantiates; bad values fail at start naming the key."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from train_helpers import CONF, TINY_MNIST, TINY_MODEL, compose_cfg, make_fake_imagenet, run_train
+
+from training.config import ConfigError, register_resolvers, resolve_hardware, validate
+
+register_resolvers()
+
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+HARDWARE = sorted(p.stem for p in (CONF / "hardware").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def imagenet_root(tmp_path_factory):
+    return make_fake_imagenet(tmp_path_factory.mktemp("imagenet"))
+
+
+def build(cfg, num_classes, in_chans):
+    return instantiate(cfg.model, num_classes=num_classes, in_chans=in_chans)
+
+
+def test_default_is_nano_on_cluttered_mnist_on_cpu():
+    cfg = compose_cfg([])
+    validate(cfg)
+    assert cfg.model.name == "sparseformer_nano" and cfg.data.name == "cluttered_mnist"
+    assert cfg.logger.mode == "offline"
+    # the (data, model) specialisation tuned nano for 1x100x100 canvases
+    assert cfg.model.conv_dim == OmegaConf.load(CONF / "data_model/cluttered_mnist_sparseformer_nano.yaml").model.conv_dim
+    if not torch.cuda.is_available():
+        assert resolve_hardware(cfg.hardware) == ("cpu", "fp32", "gloo")
+    model = instantiate(cfg.model, num_classes=10, in_chans=1)
+    assert model(torch.zeros(2, 1, 100, 100)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("data", ["cluttered_mnist", "imagenet"])
+def test_every_model_with_every_dataset(model_name, data, imagenet_root):
+    cfg = compose_cfg([f"model={model_name}", f"data={data}", f"data.root={imagenet_root}"] if data == "imagenet"
+                      else [f"model={model_name}", f"data={data}"])
+    validate(cfg)
+    if data == "cluttered_mnist":  # where the (data, model) specialisations change the model's keys
+        model = build(cfg, 10, 1).eval()
+        size = cfg.data.canvas_size
+        with torch.no_grad():
+            assert model(torch.zeros(1, 1, size, size)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("hardware", HARDWARE)
+def test_every_hardware(hardware):
+    cfg = compose_cfg([f"hardware={hardware}"])
+    validate(cfg)
+
+
+def test_there_are_imagenet_experiments_for_t_s_b():
+    assert {"sparseformer_t_imagenet", "sparseformer_s_imagenet", "sparseformer_b_imagenet"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment(experiment, imagenet_root):
+    cfg = compose_cfg([f"experiment={experiment}"] + ([f"data.root={imagenet_root}"] if "imagenet" in experiment else []))
+    validate(cfg)
+    in_chans = 1 if cfg.data.name == "cluttered_mnist" else 3
+    model = build(cfg, 1000, in_chans)
+    if experiment.endswith("_imagenet"):  # the paper's recipe (SPEC.md)
+        variant = experiment.removesuffix("_imagenet")
+        assert cfg.model.name == variant
+        assert cfg.trainer.epochs == 300 and cfg.schedule.warmup_epochs == 20
+        assert cfg.optim.base_lr * 1024 / cfg.optim.base_batch_size == pytest.approx(1e-3)
+        assert cfg.optim.weight_decay == 0.05 and cfg.optim.clip_grad == 5.0
+        assert cfg.trainer.ema_decay == 0.9999 and cfg.data.augment.repeats == 3
+        assert cfg.data.augment.mixup.mixup_alpha == 0.8 and cfg.data.augment.mixup.cutmix_alpha == 1.0
+        assert cfg.data.augment.label_smoothing == 0.1 and cfg.data.augment.random_erasing == 0.25
+        assert cfg.model.drop_path_rate == {"sparseformer_t": 0.2, "sparseformer_s": 0.3, "sparseformer_b": 0.4}[variant]
+        assert cfg.hardware.precision == ("fp32" if variant == "sparseformer_b" else "auto")
+        assert cfg.data.batch_size == 128
+        expected = {"sparseformer_t": 31_522_212, "sparseformer_s": 47_575_056, "sparseformer_b": 81_076_996}[variant]
+        assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", "experiment=sparseformer_s_imagenet"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert "SlurmLauncher" in launcher._target_
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.batch_size=-4", "data.batch_size"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("trainer.epochs=0", "trainer.epochs"),
+    ("trainer.max_steps=-1", "trainer.max_steps"),
+    ("trainer.resume=/nonexistent/last.pt", "trainer.resume"),
+    ("logger.mode=sometimes", "logger.mode"),
+    ("hardware.precision=fp8", "hardware.precision"),
+    ("trainer.eval_only=true", "trainer.eval_only"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose_cfg([override]))
+
+
+def test_imagenet_without_root_names_the_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("IMAGENET_ROOT", raising=False)
+    with pytest.raises(ConfigError, match=r"data\.root.*IMAGENET_ROOT"):
+        validate(compose_cfg(["data=imagenet"]))
+    with pytest.raises(ConfigError, match=rf"data\.root=.*{tmp_path.name}.*train"):
+        validate(compose_cfg(["data=imagenet", f"data.root={tmp_path}"]))
+
+
+def test_imagenet_root_from_environment(monkeypatch, imagenet_root):
+    monkeypatch.setenv("IMAGENET_ROOT", str(imagenet_root))
+    cfg = compose_cfg(["data=imagenet"])
+    validate(cfg)
+    assert cfg.data.root == str(imagenet_root)
+
+
+def test_unknown_group_option_fails_naming_the_group():
+    with pytest.raises(ConfigCompositionException, match="data"):
+        compose_cfg(["data=cifar"])
+
+
+def test_command_line_errors_reach_the_user(tmp_path):
+    """The real CLI: non-zero exit and a message with the key and the reason, before any training."""
+    res = run_train(["data.batch_size=-1", f"run_dir={tmp_path / 'run'}", *TINY_MODEL, *TINY_MNIST[1:]], timeout=120)
+    assert res.returncode != 0
+    assert "data.batch_size=-1: batch size must be a positive integer" in res.stderr
+    res = run_train(["data=cifar", f"run_dir={tmp_path / 'run'}"], timeout=120)
+    assert res.returncode != 0 and "data/cifar" in res.stderr and "cluttered_mnist" in res.stderr

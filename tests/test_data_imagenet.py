@@ -1,0 +1,130 @@
+"""ImageNet folder loading, the corrupt-file path, samplers and the device-side recipe."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from train_helpers import make_fake_imagenet
+
+from data import build_data
+from data.augment import BatchTransform, MixupCutmix, smooth_one_hot, soft_target_cross_entropy
+from data.imagenet import ImageNetFolder, collate_skip_none, random_resized_crop_box
+from data.samplers import EvalSampler, TrainSampler
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return make_fake_imagenet(tmp_path_factory.mktemp("imagenet"))
+
+
+def test_folder_layout_and_corrupt_file_is_logged_and_skipped(root, caplog):
+    ds = ImageNetFolder(root, "train", image_size=32, train=True)
+    assert ds.classes == ["n01440764", "n01443537"] and len(ds) == 9
+    broken = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("broken.JPEG")]
+    assert len(broken) == 1
+    with caplog.at_level(logging.WARNING):
+        assert ds[(broken[0], 0)] is None
+    assert "broken.JPEG" in caplog.text
+    x, y = ds[(broken[0] + 1, 5)]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+    images, labels, skipped = collate_skip_none([ds[(i, i)] for i in range(len(ds))])
+    assert images.shape == (8, 3, 32, 32) and skipped == 1 and labels.tolist().count(0) == 4
+
+
+def test_eval_resize_then_centre_crop(root):
+    import numpy as np
+    from PIL import Image
+
+    ds = ImageNetFolder(root, "val", image_size=32, train=False, crop_pct=0.875)
+    i = next(i for i, (p, _) in enumerate(ds.samples) if not p.endswith("broken.JPEG"))
+    x, _ = ds[(i, 0)]
+    assert x.shape == (3, 32, 32)
+    assert torch.equal(x, ds[(i, 99)][0])  # evaluation is deterministic
+    im = Image.open(ds.samples[i][0]).convert("RGB")
+    w, h = im.size  # short side -> floor(32 / 0.875) = 36, then the central 32 x 32
+    nw, nh = (36, round(h * 36 / w)) if w <= h else (round(w * 36 / h), 36)
+    im = im.resize((nw, nh), Image.BICUBIC).crop(((nw - 32) // 2, (nh - 32) // 2, (nw - 32) // 2 + 32, (nh - 32) // 2 + 32))
+    assert torch.equal(x, torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+
+
+def test_missing_root_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope" / "train")):
+        ImageNetFolder(tmp_path / "nope", "train")
+
+
+def test_random_resized_crop_box_stays_inside():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        w, h = rng.integers(10, 500, 2)
+        x1, y1, x2, y2 = random_resized_crop_box(int(w), int(h), rng)
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+
+
+def test_repeated_augmentation_sampler_deals_copies_to_different_ranks():
+    n, world = 24, 3
+    shards = []
+    for rank in range(world):
+        s = TrainSampler(n, world, rank, seed=1, repeats=3)
+        s.set_epoch(2)
+        shards.append(list(s))
+    assert all(len(sh) == n // world for sh in shards)
+    # the first sample of each rank is the same image (3 copies dealt round-robin), different seeds
+    firsts = [sh[0] for sh in shards]
+    assert len({i for i, _ in firsts}) == 1 and len({seed for _, seed in firsts}) == 3
+    # resume: skipping k samples gives the tail of the same list
+    s = TrainSampler(n, world, 1, seed=1, repeats=3)
+    s.set_epoch(2, start=3)
+    assert list(s) == shards[1][3:]
+
+
+def test_eval_sampler_covers_every_sample_once():
+    got = sorted(i for r in range(3) for i, _ in EvalSampler(10, 3, r))
+    assert got == list(range(10))
+
+
+def test_mixup_cutmix_targets_are_distributions():
+    torch.manual_seed(0)
+    mix = MixupCutmix(num_classes=5, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1)
+    x, y = torch.rand(6, 3, 16, 16), torch.arange(6) % 5
+    for _ in range(10):
+        xm, t = mix(x, y)
+        assert xm.shape == x.shape and t.shape == (6, 5)
+        assert torch.allclose(t.sum(-1), torch.ones(6))
+    t = smooth_one_hot(y, 5, 0.1)
+    assert t[0, 0] == pytest.approx(0.92) and t[0, 1] == pytest.approx(0.02)
+    loss = soft_target_cross_entropy(torch.zeros(6, 5), t)
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(5.0)).item())
+
+
+def test_recipe_batch_transform_on_device():
+    torch.manual_seed(0)
+    tf = BatchTransform([0.5] * 3, [0.25] * 3, num_classes=4, train=True, randaugment={"n": 2, "m": 9},
+                        random_erasing=1.0, mixup={"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "switch_prob": 0.5,
+                                                   "prob": 1.0}, label_smoothing=0.1)
+    x = (torch.rand(4, 3, 24, 24) * 255).to(torch.uint8)
+    out, target = tf(x, torch.tensor([0, 1, 2, 3]))
+    assert out.shape == (4, 3, 24, 24) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert target.shape == (4, 4)
+    ev = BatchTransform([0.5] * 3, [0.25] * 3, num_classes=4, train=False)
+    out, y = ev(x, torch.tensor([0, 1, 2, 3]))
+    assert torch.allclose(out, (x.float() / 255 - 0.5) / 0.25) and y.tolist() == [0, 1, 2, 3]
+
+
+def test_build_data_imagenet_loaders_count_skipped_files(root):
+    cfg = OmegaConf.load(__import__("train_helpers").CONF / "data" / "imagenet.yaml")
+    cfg.root, cfg.image_size, cfg.batch_size, cfg.eval_batch_size, cfg.num_workers = str(root), 32, 3, 4, 2
+    cfg.augment.repeats = 1
+    data = build_data(cfg)
+    assert data.num_classes == 2 and data.steps_per_epoch == 3
+    skipped, seen = 0, 0
+    data.train_sampler.set_epoch(0)
+    for x, y, s in data.train_loader:
+        skipped += s
+        seen += 0 if x is None else len(x)
+    assert skipped + seen == 9 and skipped == 1
+    val = [b for b in data.val_loader]
+    assert sum(b[2] for b in val) == 1 and sum(len(b[0]) for b in val) == 4
