@@ -89,16 +89,27 @@ def roi_figure(model, images, transform, precision, cfg_data):
     return figure_to_array(fig)
 
 
-def load_weights(model, path: str, fmt: str, model_kwargs: dict):
-    """Our checkpoint ('model' / 'ema' entries) or the authors' released file (any wrapper)."""
+@torch.no_grad()
+def replica_max_abs_diff(model, info) -> float:
+    """Largest |w_rank − w_rank0| over all parameters and ranks: 0.0 while DDP keeps the replicas in sync."""
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    ref = flat.clone()
+    torch_dist.broadcast(ref, src=0)
+    diff = (flat - ref).abs().max()
+    torch_dist.all_reduce(diff, op=torch_dist.ReduceOp.MAX)
+    return diff.item()
+
+
+def load_weights(model, path: str, fmt: str, overrides: dict):
+    """(model, EMA state or None) from our checkpoint (weights into `model`), or the authors'
+    released file (any wrapper): then a SparseFormer built for those weights, via the model's
+    converter, with `overrides` (e.g. backend) applied."""
     obj = torch.load(path, map_location="cpu", weights_only=False)
     ours = isinstance(obj, dict) and {"model", "step", "config"} <= set(obj)
     if fmt == "ours" or (fmt == "auto" and ours):
         model.load_state_dict(obj["model"])
-        return model, (obj.get("ema") if ours else None)
-    official = load_official_checkpoint(obj, config=model_kwargs)
-    model.load_state_dict(official.state_dict())
-    return model, None
+        return model, obj.get("ema")
+    return load_official_checkpoint(obj, **overrides), None
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -129,9 +140,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     model = hydra.utils.instantiate(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans)
     ema_state = None
     if tr.checkpoint:
-        model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("_target_", "name")}
-        model_kwargs.update(num_classes=data.num_classes, in_chans=data.in_chans)
-        model, ema_state = load_weights(model, tr.checkpoint, tr.checkpoint_format, model_kwargs)
+        overrides = {k: cfg.model[k] for k in ("backend", "drop_path_rate") if k in cfg.model}
+        model, ema_state = load_weights(model, tr.checkpoint, tr.checkpoint_format, overrides)
     num_params = sum(p.numel() for p in model.parameters())
     flops = count_flops(model, image_size, in_chans=data.in_chans)
     model.to(device)
@@ -200,7 +210,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     roi_images = None
     if has_sampling and cfg.logger.num_roi_images and info.is_main:
         k = min(cfg.logger.num_roi_images, len(data.val_set))
-        roi_images = torch.stack([data.val_set[key][0] for key in list(iter(data.val_loader.sampler))[:k]]).to(device)
+        items = (data.val_set[key] for key in data.val_loader.sampler)
+        roi_images = torch.stack([it[0] for it, _ in zip((it for it in items if it is not None), range(k))]).to(device)
 
     def run_evaluation() -> dict:
         res = evaluate(ddp_model, data.val_loader, data.eval_transform, info, precision)
@@ -291,6 +302,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         log.warning("%d undecodable training files were skipped", train_skipped)
     if result is None:  # resumed a finished run
         result = run_evaluation()
+    if info.enabled:
+        diff = replica_max_abs_diff(model, info)
+        logger.summary({"ddp/replica_max_abs_diff": diff})
+        if info.is_main:
+            log.info("DDP replicas after training: max |w_rank - w_rank0| = %g", diff)
     logger.summary({"final/top1": result["top1"], "final/top1_ema": result["top1_ema"], "final/step": step,
                     "train/skipped_files_total": train_skipped})
     logger.finish()

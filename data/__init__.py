@@ -14,7 +14,7 @@ from .cluttered_mnist import ClutteredMNIST
 from .imagenet import ImageNetFolder, collate_skip_none
 from .samplers import EvalSampler, TrainSampler, steps_per_epoch
 
-__all__ = ["Data", "build_data", "BatchTransform", "MixupCutmix", "soft_target_cross_entropy", "ClutteredMNIST",
+__all__ = ["Data", "build_data", "build_datasets", "BatchTransform", "MixupCutmix", "soft_target_cross_entropy", "ClutteredMNIST",
            "ImageNetFolder", "TrainSampler", "EvalSampler", "imagenet_root"]
 
 

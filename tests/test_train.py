@@ -1,0 +1,133 @@
+"""train.py end to end on the CPU, in-process: the default data path with tiny sizes, W&B read
+back from the offline run, eval-only (ours and the authors' weights), the RoI drawing command,
+and the ImageNet path with a corrupt file."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from train_helpers import CONF, FAST, TINY_MNIST, TINY_MODEL, compose_cfg, make_fake_imagenet
+
+import train as train_script
+from training.wandb_offline import find_run_files, read_run
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+    """8 steps (2 epochs of 4) of tiny SparseFormer-nano on tiny cluttered MNIST."""
+    run_dir = tmp_path_factory.mktemp("mnist_run")
+    cfg = compose_cfg([*TINY_MODEL, *TINY_MNIST, *FAST, f"run_dir={run_dir}", "trainer.ckpt_every_steps=3"])
+    top1 = train_script.train(cfg, run_dir)
+    return run_dir, cfg, top1
+
+
+def test_default_path_trains_and_checkpoints(mnist_run):
+    run_dir, cfg, top1 = mnist_run
+    assert 0.0 <= top1 <= 100.0
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] == 8 and state["epoch"] == 2 and state["batch_in_epoch"] == 0
+    assert {"model", "ema", "optimizer", "scaler", "rng", "config", "wandb_id"} <= set(state)
+    assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # atomic writes leave no temp files
+    losses = [m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    evals = [m for m in read_metrics(run_dir) if "val/top1" in m]
+    assert len(evals) == 2  # each epoch
+    # the schedule: linear warm-up over 2 steps (0.5 epoch), then cosine down to min_lr at step 8
+    lrs = [m["train/lr"] for m in read_metrics(run_dir) if "train/lr" in m]
+    assert lrs[0] == pytest.approx(cfg.schedule.warmup_lr) and lrs[2] == pytest.approx(cfg.optim.lr)
+    assert lrs[2] > lrs[4] > lrs[7] > cfg.schedule.min_lr
+
+
+def test_wandb_offline_run_reads_back(mnist_run):
+    run_dir, cfg, top1 = mnist_run
+    files = find_run_files(run_dir)
+    assert len(files) == 1
+    run = read_run(files[0])
+    assert run["config"]["model"]["name"] == "sparseformer_nano"
+    assert run["config"]["data"]["batch_size"] == 8 and run["config"]["logger"]["mode"] == "offline"
+    assert run["summary"]["params"] > 0 and run["summary"]["gmacs"] > run["summary"]["gmacs_without_mixing"] > 0
+    hist = run["history"]
+    by_step = {}
+    for row in hist:
+        by_step.setdefault(row["_step"], {}).update(row)
+    logged_losses = [by_step[s]["train/loss"] for s in range(1, 9)]
+    assert logged_losses == [m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m]
+    assert all(by_step[s]["train/img_s"] > 0 for s in range(1, 9))
+    assert all("train/lr" in by_step[s] for s in range(1, 9))
+    final = by_step[8]
+    for key in ("val/top1", "val/top5", "val_ema/top1", "val_ema/top5", "throughput/eval_img_s", "throughput/top1"):
+        assert key in final, key
+    assert final["val/top1"] == pytest.approx(top1)
+    assert final["val/top5"] >= final["val/top1"]
+    # accuracy against measured img/s: a chart keyed on throughput, and a scatter table
+    assert run["metrics"]["throughput/top1"] == "throughput/eval_img_s"
+    assert final["charts/top1_vs_img_s_table._type"] == "table-file"
+    table = json.loads((files[0].parent / "files" / final["charts/top1_vs_img_s_table.path"]).read_text())
+    assert table["columns"][:2] == ["img_s", "top1"] and len(table["data"]) == 2
+    # RoI drawings of validation images, each epoch
+    assert final["val/rois._type"] == "image-file"
+    png = files[0].parent / "files" / final["val/rois.path"]
+    img = np.asarray(Image.open(png))
+    assert img.shape[0] > 100 and img.std() > 10  # a real drawing, not a blank canvas
+
+
+def test_eval_only_reproduces_the_final_evaluation(mnist_run, tmp_path):
+    run_dir, _, top1 = mnist_run
+    cfg = compose_cfg([*TINY_MODEL, *TINY_MNIST, *FAST, f"run_dir={tmp_path}", "trainer.eval_only=true",
+                       f"trainer.checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "logger.mode=disabled"])
+    assert train_script.train(cfg, tmp_path) == pytest.approx(top1)
+
+
+def test_visualize_draws_every_sampling_step(mnist_run, tmp_path):
+    import visualize
+
+    run_dir, _, _ = mnist_run
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="visualize", overrides=[f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}",
+                                                          "num_images=3", f"out={tmp_path / 'rois.png'}"])
+    out = visualize.visualize(cfg)
+    img = Image.open(out)
+    # 3 rows (images) x 2 columns (2 focusing repeats + the cortex's sampling step = 3 steps)
+    assert img.width > img.height * 0.8 and np.asarray(img).std() > 10
+
+
+def test_official_weights_evaluate_and_load_exactly(fixtures_dir, tmp_path):
+    """The authors' (small, fixture) weights through load_official_checkpoint: the logits of the
+    loaded model match the authors' code; eval-only mode runs them on an ImageNet folder."""
+    path = fixtures_dir / "official_v1_small.pt"
+    ref = torch.load(path, weights_only=True)
+    model, _ = train_script.load_weights(None, str(path), "auto", {})
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["input"]), ref["logits"], rtol=1e-4, atol=1e-4)
+
+    root = make_fake_imagenet(tmp_path / "imagenet")
+    cfg = compose_cfg(["data=imagenet", f"data.root={root}", "data.image_size=64", "data.num_workers=0",
+                       "data.eval_batch_size=2", "hardware=cpu", "logger.mode=disabled", "trainer.eval_only=true",
+                       f"trainer.checkpoint={path}", "trainer.ema_decay=null", f"run_dir={tmp_path / 'run'}"])
+    top1 = train_script.train(cfg, tmp_path / "run")
+    assert 0.0 <= top1 <= 100.0
+
+
+def test_imagenet_path_skips_and_counts_the_corrupt_file(tmp_path, caplog):
+    root = make_fake_imagenet(tmp_path / "imagenet")
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg(["data=imagenet", f"data.root={root}", "data.image_size=32", "data.batch_size=3",
+                       "data.eval_batch_size=4", "data.num_workers=0", "data.augment.repeats=1", *TINY_MODEL,
+                       *FAST, "trainer.epochs=1", f"run_dir={run_dir}", "logger.num_roi_images=0"])
+    with caplog.at_level("WARNING"):
+        train_script.train(cfg, run_dir)
+    metrics = read_metrics(run_dir)
+    assert [m for m in metrics if "val/top1" in m][-1]["val/skipped_files"] == 1
+    assert [m for m in metrics if "train/skipped_files" in m][-1]["train/skipped_files"] == 1
+    assert "broken.JPEG" in caplog.text and "1 undecodable training files were skipped" in caplog.text
