@@ -1,0 +1,577 @@
+"""Benchmark SparseFormer against dense baselines over token counts and resolutions.
+
+    python benchmark.py                          # default CPU sweep (conf/sweep/cpu.yaml), < 10 min on 2 cores
+    python benchmark.py sweep=full               # the whole grid, for a GPU
+    python benchmark.py sweep.models=[sparseformer_t,deit_small] sweep.resolutions=[224,512] sweep.modes=[inference]
+    python benchmark.py accuracy_file=acc.csv    # + accuracy-vs-throughput plot (CSV columns model,top1)
+    python benchmark.py mode=kernels             # kernel micro-benchmarks (kernels/benchmark.py)
+
+Every point (model, tokens, resolution, mode) reports: throughput (img/s at sweep.batch_size, median
+of sweep.repeats timed calls after warm-up), batch-1 latency (median), peak memory, parameters and
+MACs per image counted from the real ops (model.count_flops; forward pass, also for training steps).
+Points that share a resolution and a mode are timed round-robin, one call each per round, so a
+change in machine load hits every model of the comparison alike. A training step is forward +
+cross-entropy + backward + AdamW step. Peak memory: on CUDA torch.cuda.max_memory_allocated over
+one step; on CPU the bytes held by live tensors before the step (weights, gradients, optimizer
+state, inputs) plus the peak of the torch CPU allocator's running total during one step, read from
+the profiler's memory events (RSS would count the allocator's cache and every earlier point).
+An out-of-memory point is recorded with status=oom and the sweep goes on.
+
+Writes to the run directory (Hydra's output dir): results.csv, results.json, summary.txt and PNG
+plots; logs the same to W&B (offline by default, files under <run dir>/wandb).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+import hydra
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from model import count_flops, create_model, list_models
+from model.sparseformer import VARIANTS as SPARSEFORMER_VARIANTS
+from model.sparseformer import SparseFormer
+
+log = logging.getLogger("benchmark")
+
+COLUMNS = [
+    "model", "tokens", "resolution", "batch_size", "mode", "backend", "device", "precision",
+    "throughput_img_s", "latency_ms", "peak_mem_mb", "params", "gmacs", "gmacs_without_mixing",
+    "status", "threads", "repeats", "throughput_min_img_s", "throughput_max_img_s",
+]  # fmt: skip
+MODES = ("inference", "train")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- the points of a sweep
+@dataclass(frozen=True)
+class Point:
+    """One measurement: `tokens` is None for a model's default token count (and for dense models)."""
+
+    model: str
+    tokens: Optional[int]
+    resolution: int
+    mode: str
+
+
+def is_sparseformer(name: str) -> bool:
+    return name.startswith("sparseformer")
+
+
+def sweep_points(sweep: DictConfig) -> list[Point]:
+    """Resolution sweep (every model at its default token count) + token sweep (SparseFormer models
+    at sweep.token_resolution); with sweep.grid, every token count at every resolution."""
+    unknown = [m for m in sweep.modes if m not in MODES] + [m for m in sweep.models if m not in list_models()]
+    if unknown:
+        raise ValueError(f"unknown mode(s) / model(s) {unknown}; modes: {list(MODES)}, models: {list_models()}")
+    resolutions = list(dict.fromkeys([*sweep.resolutions, *([sweep.token_resolution] if sweep.tokens else [])]))
+    points: list[Point] = []
+    for mode in sweep.modes:
+        for name in sweep.models:
+            for res in resolutions:
+                if mode == "train" and sweep.train_max_resolution is not None and res > sweep.train_max_resolution:
+                    continue
+                if not is_sparseformer(name):
+                    if res in sweep.resolutions and (sweep.dense_max_resolution is None or res <= sweep.dense_max_resolution):
+                        points.append(Point(name, None, res, mode))
+                    continue
+                default = SPARSEFORMER_VARIANTS[name]["num_tokens"]
+                counts = list(sweep.tokens) if sweep.grid or res == sweep.token_resolution else []
+                for t in [None, *counts]:
+                    points.append(Point(name, None if t in (None, default) else int(t), res, mode))
+    return list(dict.fromkeys(points))
+
+
+def build_model(point: Point, backend: str) -> nn.Module:
+    """The model of a point on the CPU (moved to the device by the caller)."""
+    if is_sparseformer(point.model):
+        overrides = {"backend": backend}
+        if point.tokens is not None:
+            overrides["num_tokens"] = point.tokens
+        return create_model(point.model, **overrides)
+    return create_model(point.model, img_size=point.resolution)
+
+
+def token_count(model: nn.Module, resolution: int) -> int:
+    """SparseFormer: its latent tokens; a ViT: its sequence length (patches + class token)."""
+    if isinstance(model, SparseFormer):
+        return model.num_tokens
+    return (resolution // model.patch_embed.stride[0]) ** 2 + 1
+
+
+# ----------------------------------------------------------------------------- one step, timed
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    msg = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Runner:
+    """Holds a model with its inputs (batch and batch-1) and runs one inference call or training step."""
+
+    def __init__(self, model: nn.Module, mode: str, batch_size: int, resolution: int, device: torch.device,
+                 precision: str, seed: int):
+        self.model, self.mode, self.device = model, mode, device
+        self.autocast_dtype = PRECISIONS[precision]
+        gen = torch.Generator().manual_seed(seed)
+        num_classes = getattr(model, "num_classes", 1000)
+        self.inputs = {}
+        for b in {batch_size, 1}:
+            x = torch.randn(b, 3, resolution, resolution, generator=gen).to(device)
+            y = torch.randint(0, num_classes, (b,), generator=gen).to(device)
+            self.inputs[b] = (x, y)
+        if mode == "train":
+            model.train()
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+            self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        else:
+            model.eval()
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def step(self, batch_size: int) -> None:
+        x, y = self.inputs[batch_size]
+        if self.mode == "inference":
+            with torch.inference_mode(), self._autocast():
+                self.model(x)
+            return
+        with self._autocast():
+            loss = F.cross_entropy(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+    def timed(self, batch_size: int) -> float:
+        """Seconds for one step, synchronised on GPU."""
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        self.step(batch_size)
+        synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def held_bytes(self) -> int:
+        """Bytes of the tensors this runner keeps alive: parameters, gradients, optimizer state, inputs."""
+        tensors = list(self.model.parameters()) + list(self.model.buffers())
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.mode == "train":
+            tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        tensors += [t for pair in self.inputs.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def peak_memory_mb(self, batch_size: int) -> float:
+        """Peak bytes during one step (see the module docstring for what is measured on each device)."""
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.step(batch_size)
+            synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        held = self.held_bytes()
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+            self.step(batch_size)
+        cpu = torch._C._autograd.DeviceType.CPU
+        events = sorted(
+            (e.start_ns(), e.nbytes())
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == cpu
+        )
+        running = peak = 0
+        for _, nbytes in events:
+            running += nbytes
+            peak = max(peak, running)
+        return (held + peak) / 2**20
+
+
+# ----------------------------------------------------------------------------- the sweep
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is visible; use device=cpu (or auto)")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"device must be auto, cpu or cuda[:i], got {name!r}")
+    return torch.device(name)
+
+
+def _row(point: Point, cfg: DictConfig, device: torch.device, **values) -> dict:
+    row = dict.fromkeys(COLUMNS)
+    row.update(model=point.model, resolution=point.resolution, batch_size=cfg.sweep.batch_size,
+               mode=point.mode, device=str(device), precision=cfg.precision,
+               backend=cfg.backend if is_sparseformer(point.model) else "dense",
+               threads=torch.get_num_threads(), repeats=cfg.sweep.repeats)
+    row.update(values)
+    return row
+
+
+def run_sweep(cfg: DictConfig, device: torch.device, progress: bool = True) -> list[dict]:
+    """Measure every point of cfg.sweep; returns one row per point (COLUMNS), in sweep order."""
+    sweep = cfg.sweep
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {cfg.precision!r}")
+    points = sweep_points(sweep)
+    groups: dict[tuple[int, str], list[Point]] = {}
+    for p in points:
+        groups.setdefault((p.resolution, p.mode), []).append(p)
+    rows: dict[Point, dict] = {}
+    flops_cache: dict[tuple, dict] = {}
+    steps_per_point = sweep.warmup + sweep.repeats + sweep.latency_repeats + 1
+    bar = tqdm(total=len(points) * steps_per_point, desc="benchmark", unit="step", disable=not progress)
+    for (res, mode), group in groups.items():
+        runners: dict[Point, Runner] = {}
+        times: dict[Point, list[float]] = {}
+        latencies: dict[Point, list[float]] = {}
+        static: dict[Point, dict] = {}
+        done = dict.fromkeys(group, 0)  # progress-bar steps done per point
+
+        def record_oom(p: Point, where: str, err: BaseException) -> None:
+            log.warning("out of memory: %s at %d px (%s, %s): %s", p.model, p.resolution, p.mode, where,
+                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+            rows[p] = _row(p, cfg, device, status="oom", **static.get(p, {}))
+            runners.pop(p, None)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+        for p in group:
+            bar.set_postfix_str(f"{p.model} t={p.tokens or 'default'} {res}px {mode} (warm-up)")
+            torch.manual_seed(cfg.seed)
+            model = build_model(p, cfg.backend)
+            key = (p.model, p.tokens, res)
+            if key not in flops_cache:
+                flops_cache[key] = count_flops(model, res)
+            flops = flops_cache[key]
+            static[p] = dict(
+                tokens=token_count(model, res),
+                params=sum(t.numel() for t in model.parameters()),
+                gmacs=flops["macs"] / 1e9,
+                gmacs_without_mixing=flops["macs_without_mixing"] / 1e9,
+            )
+            runner = None
+            try:
+                runner = Runner(model.to(device), mode, sweep.batch_size, res, device, cfg.precision, cfg.seed)
+                for _ in range(sweep.warmup):
+                    runner.step(sweep.batch_size)
+                    runner.step(1)
+                    bar.update(1)
+                    done[p] += 1
+                static[p]["peak_mem_mb"] = runner.peak_memory_mb(sweep.batch_size)
+                bar.update(1)
+                done[p] += 1
+            except Exception as err:  # noqa: BLE001  (anything but an OOM is re-raised)
+                if not is_oom(err):
+                    raise
+                model = runner = None  # noqa: F841  (free the point's memory before going on)
+                record_oom(p, "warm-up", err)
+                bar.update(steps_per_point - done[p])
+                continue
+            runners[p], times[p], latencies[p] = runner, [], []
+        # Round-robin: each round times every live point once, so load drift hits them alike.
+        for r in range(max(sweep.repeats, sweep.latency_repeats)):
+            for p in list(runners):
+                bar.set_postfix_str(f"{res}px {mode} round {r + 1}")
+                try:
+                    if r < sweep.repeats:
+                        times[p].append(runners[p].timed(sweep.batch_size))
+                        bar.update(1)
+                        done[p] += 1
+                    if r < sweep.latency_repeats:
+                        latencies[p].append(runners[p].timed(1))
+                        bar.update(1)
+                        done[p] += 1
+                except Exception as err:  # noqa: BLE001
+                    if not is_oom(err):
+                        raise
+                    record_oom(p, f"timed round {r + 1}", err)
+                    bar.update(steps_per_point - done[p])
+        for p in runners:
+            throughputs = [sweep.batch_size / t for t in times[p]]
+            rows[p] = _row(
+                p, cfg, device, status="ok", **static[p],
+                throughput_img_s=statistics.median(throughputs),
+                throughput_min_img_s=min(throughputs),
+                throughput_max_img_s=max(throughputs),
+                latency_ms=statistics.median(latencies[p]) * 1e3 if latencies[p] else None,
+            )
+        runners.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    return [rows[p] for p in points]
+
+
+# ----------------------------------------------------------------------------- outputs
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        cpu = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), cpu)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    info = {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+    }  # fmt: skip
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write_results(rows: list[dict], run_dir: Path, meta: dict) -> list[Path]:
+    """results.csv (COLUMNS) and results.json ({"meta", "rows"}) in run_dir."""
+    csv_path, json_path = run_dir / "results.csv", run_dir / "results.json"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return [csv_path, json_path]
+
+
+def _ok(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] == "ok"]
+
+
+def _resolution_rows(rows: list[dict]) -> list[dict]:
+    """Rows at each model's default token count (dense models: all their rows)."""
+    return [r for r in rows if not is_sparseformer(r["model"])
+            or r["tokens"] == SPARSEFORMER_VARIANTS[r["model"]]["num_tokens"]]
+
+
+def plot_results(rows: list[dict], run_dir: Path, accuracy: Optional[dict[str, float]] = None,
+                 base_resolution: int = 224) -> list[Path]:
+    """PNG plots: throughput vs resolution, throughput vs tokens, accuracy vs throughput (if given)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = _ok(rows)
+    modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
+    paths = []
+    title = f"{ok[0]['device']}, {ok[0]['precision']}, batch {ok[0]['batch_size']}" if ok else ""
+
+    def figure(n):
+        fig, axes = plt.subplots(1, max(n, 1), figsize=(5.2 * max(n, 1), 3.8), squeeze=False)
+        return fig, axes[0]
+
+    by_res = _resolution_rows(ok)
+    fig, axes = figure(len(modes))
+    for ax, mode in zip(axes, modes):
+        for name in dict.fromkeys(r["model"] for r in by_res if r["mode"] == mode):
+            pts = sorted((r["resolution"], r["throughput_img_s"]) for r in by_res if r["model"] == name and r["mode"] == mode)
+            ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set(xlabel="resolution (px)", ylabel="throughput (img/s)", title=f"{mode} ({title})", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    path = run_dir / "throughput_vs_resolution.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    paths.append(path)
+
+    sf = [r for r in ok if is_sparseformer(r["model"]) and r["resolution"] == base_resolution]
+    if sf:
+        fig, axes = figure(len(modes))
+        for ax, mode in zip(axes, modes):
+            for name in dict.fromkeys(r["model"] for r in sf if r["mode"] == mode):
+                pts = sorted((r["tokens"], r["throughput_img_s"]) for r in sf if r["model"] == name and r["mode"] == mode)
+                ax.plot(*zip(*pts), marker="o", label=name)
+            for r in ok:  # dense baselines at the same resolution, as horizontal lines
+                if not is_sparseformer(r["model"]) and r["mode"] == mode and r["resolution"] == base_resolution:
+                    ax.axhline(r["throughput_img_s"], ls="--", lw=1, color="gray")
+                    ax.annotate(r["model"], (0.01, r["throughput_img_s"]), xycoords=("axes fraction", "data"),
+                                fontsize=7, va="bottom", color="gray")
+            ax.set(xlabel="latent tokens", ylabel="throughput (img/s)", title=f"{mode}, {base_resolution} px ({title})")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        path = run_dir / "throughput_vs_tokens.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        paths.append(path)
+
+    if accuracy:
+        pts = [(r["throughput_img_s"], accuracy[r["model"]], r["model"]) for r in by_res
+               if r["mode"] == "inference" and r["resolution"] == base_resolution and r["model"] in accuracy]
+        if pts:
+            fig, axes = figure(1)
+            ax = axes[0]
+            for x, y, name in pts:
+                ax.scatter(x, y, color="C0" if is_sparseformer(name) else "C1")
+                ax.annotate(name, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+            ax.set(xlabel="inference throughput (img/s)", ylabel="top-1 (%)", xscale="log",
+                   title=f"accuracy vs throughput, {base_resolution} px ({title})")
+            ax.grid(alpha=0.3)
+            path = run_dir / "accuracy_vs_throughput.png"
+            fig.tight_layout()
+            fig.savefig(path, dpi=80)
+            plt.close(fig)
+            paths.append(path)
+    return paths
+
+
+def read_accuracy_file(path: str | Path) -> dict[str, float]:
+    """CSV with columns model,top1 -> {model: top1}."""
+    path = Path(hydra.utils.to_absolute_path(str(path)))
+    if not path.is_file():
+        raise ValueError(f"accuracy_file={path} does not exist (expected a CSV with columns model,top1)")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"model", "top1"} <= set(reader.fieldnames):
+            raise ValueError(f"accuracy_file={path} must have columns model,top1; found {reader.fieldnames}")
+        return {row["model"]: float(row["top1"]) for row in reader}
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def format_rows(rows: list[dict]) -> str:
+    """Markdown table of the result rows."""
+    cols = [("model", ""), ("tokens", ""), ("resolution", ""), ("mode", ""), ("throughput_img_s", ".2f"),
+            ("latency_ms", ".1f"), ("peak_mem_mb", ".0f"), ("params", ","), ("gmacs", ".2f"),
+            ("gmacs_without_mixing", ".2f"), ("status", "")]
+    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r[c], f) for c, f in cols) + " |")
+    return "\n".join(lines)
+
+
+def format_ratios(rows: list[dict], reference: str, base_resolution: int) -> str:
+    """Throughput ratios computed from the rows: each model against `reference` at the same resolution
+    and mode (default token counts), and each model's throughput at each resolution against its own at
+    base_resolution."""
+    ok = _resolution_rows(_ok(rows))
+    tput = {(r["model"], r["resolution"], r["mode"]): r["throughput_img_s"] for r in ok}
+    lines = []
+    for (name, res, mode), value in tput.items():
+        ref = tput.get((reference, res, mode))
+        if name != reference and ref:
+            lines.append(f"{mode:9s} {res:5d} px  {name} / {reference} = {value / ref:.2f}x")
+    for (name, res, mode), value in tput.items():
+        base = tput.get((name, base_resolution, mode))
+        if res != base_resolution and base:
+            lines.append(f"{mode:9s} {name}: throughput at {res} px / at {base_resolution} px = {value / base:.1%}")
+    return "\n".join(lines)
+
+
+def log_wandb(cfg: DictConfig, rows: list[dict], files: list[Path], meta: dict, run_dir: Path) -> None:
+    """Log the rows (a table and one entry per point) and the plots to W&B; files stay in run_dir/wandb."""
+    if cfg.logger.mode == "disabled":
+        return
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(
+        project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+        tags=list(cfg.logger.tags), mode=cfg.logger.mode, dir=str(run_dir), name=run_dir.name,
+        job_type="benchmark", config={**OmegaConf.to_container(cfg, resolve=True), "machine": meta},
+    )  # fmt: skip
+    try:
+        run.log({"results": wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])})
+        for path in files:
+            if path.suffix == ".png":
+                run.log({f"plots/{path.stem}": wandb.Image(str(path))})
+        for r in _ok(rows):
+            key = f"{r['mode']}/{r['model']}/t{r['tokens']}/{r['resolution']}px"
+            run.summary[f"{key}/throughput_img_s"] = r["throughput_img_s"]
+            run.summary[f"{key}/latency_ms"] = r["latency_ms"]
+    finally:
+        run.finish()
+
+
+# ----------------------------------------------------------------------------- entry points
+def run_kernels(cfg: DictConfig, device: torch.device, run_dir: Path) -> list[dict]:
+    """mode=kernels: kernels/benchmark.py's micro-benchmarks, written as kernels.csv / kernels.json."""
+    from kernels.benchmark import format_table, run_kernel_benchmarks
+
+    k = cfg.kernels
+    rows = run_kernel_benchmarks(device=device.type, dtypes=list(k.dtypes), batch_sizes=list(k.batch_sizes),
+                                 variants=list(k.variants), repeats=k.repeats, passes=list(k.passes))
+    table = format_table(rows)
+    print(table)
+    (run_dir / "kernels.txt").write_text(table + "\n")
+    if rows:
+        with (run_dir / "kernels.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    (run_dir / "kernels.json").write_text(json.dumps({"meta": machine_info(device), "rows": rows}, indent=1))
+    return rows
+
+
+def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> list[dict]:
+    """The whole benchmark into run_dir; returns the result rows."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads is not None:
+        torch.set_num_threads(int(cfg.num_threads))
+    device = resolve_device(cfg.device)
+    if cfg.mode == "kernels":
+        return run_kernels(cfg, device, run_dir)
+    if cfg.mode != "sweep":
+        raise ValueError(f"mode must be sweep or kernels, got {cfg.mode!r}")
+    accuracy = read_accuracy_file(cfg.accuracy_file) if cfg.accuracy_file else None
+    started = time.perf_counter()
+    rows = run_sweep(cfg, device, progress=progress)
+    meta = machine_info(device)
+    meta["sweep_seconds"] = round(time.perf_counter() - started, 1)
+    files = write_results(rows, run_dir, meta)
+    files += plot_results(rows, run_dir, accuracy, base_resolution=cfg.sweep.token_resolution)
+    summary = "\n".join([
+        f"machine: {meta['cpu']} ({meta['cpu_count']} cores, {meta['torch_threads']} torch threads)"
+        + (f", GPU {meta['gpu']}" if "gpu" in meta else "") + f"; torch {meta['torch']}; {meta['date_utc']} UTC",
+        f"device={device} backend={cfg.backend} precision={cfg.precision} batch_size={cfg.sweep.batch_size} "
+        f"repeats={cfg.sweep.repeats} (median); sweep took {meta['sweep_seconds']} s",
+        "",
+        format_rows(rows),
+        "",
+        format_ratios(rows, cfg.sweep.reference, cfg.sweep.token_resolution),
+    ])  # fmt: skip
+    (run_dir / "summary.txt").write_text(summary + "\n")
+    files.append(run_dir / "summary.txt")
+    print(summary)
+    log_wandb(cfg, rows, files, meta, run_dir)
+    print(f"results: {run_dir}")
+    return rows
+
+
+@hydra.main(config_path="conf", config_name="benchmark", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()
