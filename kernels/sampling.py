@@ -6,8 +6,8 @@ coordinates are normalised to [0, 1] with 0 and 1 on the outer edges of the map,
 outside read zeros. The gradient w.r.t. the points can be clamped element-wise
 (the authors' `RestrictGradNorm`, applied on these [0, 1] coordinates).
 
-Layout of this module: reference -> Triton kernels -> host wrappers -> torch.library ops (+ FLOP formula,
-autograd) -> public function.
+Layout of this module: reference -> Triton kernels -> host wrappers -> torch.library ops
+(+ FLOP formula, autograd) -> public function.
 """
 from __future__ import annotations
 
@@ -119,8 +119,8 @@ def sparse_sample_fwd_kernel(
     b_w11 = (b_wy1 * b_wx1)[:, None]
     p_fb = p_f + i_b * s_fb
     p_ob = p_o + (i_b * N * P + o_q)[:, None] * C
-    for i_c in range(0, tl.cdiv(C, BLOCK_C)):
-        o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    for i_c in range(0, C, BLOCK_C):
+        o_c = i_c + tl.arange(0, BLOCK_C)
         m_c = o_c < C
         p_fc = p_fb + (o_c * s_fc)[None, :]
         b_o = b_w00 * tl.load(p_fc + o_00[:, None], mask=m_00[:, None] & m_c[None, :], other=0).to(COMPUTE)
@@ -170,8 +170,8 @@ def sparse_sample_bwd_kernel(
     p_gb = p_do + i_b * s_gb + (o_n * s_gn + o_p * s_gp)[:, None]
     b_dx = tl.zeros([BLOCK_Q], dtype=COMPUTE)
     b_dy = tl.zeros([BLOCK_Q], dtype=COMPUTE)
-    for i_c in range(0, tl.cdiv(C, BLOCK_C)):
-        o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    for i_c in range(0, C, BLOCK_C):
+        o_c = i_c + tl.arange(0, BLOCK_C)
         m_c = o_c < C
         m_qc = m_q[:, None] & m_c[None, :]
         b_g = tl.load(p_gb + (o_c * s_gc)[None, :], mask=m_qc, other=0).to(COMPUTE)
@@ -206,9 +206,12 @@ def sparse_sample_bwd_kernel(
 
 # ----------------------------------------------------------------------------- host wrappers
 def _sample_blocks(C: int) -> tuple[int, int]:
-    """(BLOCK_Q, BLOCK_C): up to 128 channels per step, about 4096 elements per corner tile."""
-    block_c = min(triton.next_power_of_2(C), 128)
-    return max(16, 4096 // block_c), block_c
+    """(BLOCK_Q, BLOCK_C): 32 channels per step (a 128-byte fp32 row segment, no padding waste at
+    C = 96) and >= 32 points per program. From ptxas statistics of an sm_90 build with triton 3.6
+    (no GPU timings yet): 4 warps, ~100 registers forward and ~250 backward, no spills; wider
+    tiles (128 channels) spilled in the backward."""
+    block_c = min(triton.next_power_of_2(C), 32)
+    return max(32, 1024 // block_c), block_c
 
 
 def sparse_sample_fwd(features: Tensor, points: Tensor, backend: str) -> Tensor:
