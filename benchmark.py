@@ -266,19 +266,15 @@ def run_sweep(cfg: DictConfig, device: torch.device, progress: bool = True) -> l
             bar.set_postfix_str(f"{p.model} t={p.tokens or 'default'} {res}px {mode} (warm-up)")
             torch.manual_seed(cfg.seed)
             model = build_model(p, cfg.backend)
-            key = (p.model, p.tokens, res)
-            if key not in flops_cache:
-                flops_cache[key] = count_flops(model, res)
-            flops = flops_cache[key]
-            static[p] = dict(
-                tokens=token_count(model, res),
-                params=sum(t.numel() for t in model.parameters()),
-                gmacs=flops["macs"] / 1e9,
-                gmacs_without_mixing=flops["macs_without_mixing"] / 1e9,
-            )
+            static[p] = dict(tokens=token_count(model, res), params=sum(t.numel() for t in model.parameters()))
             runner = None
             try:
                 runner = Runner(model.to(device), mode, sweep.batch_size, res, device, cfg.precision, cfg.seed)
+                key = (p.model, p.tokens, res)
+                if key not in flops_cache:  # one batch-1 forward under FlopCounterMode
+                    flops_cache[key] = count_flops(model, res)
+                static[p]["gmacs"] = flops_cache[key]["macs"] / 1e9
+                static[p]["gmacs_without_mixing"] = flops_cache[key]["macs_without_mixing"] / 1e9
                 for _ in range(sweep.warmup):
                     runner.step(sweep.batch_size)
                     runner.step(1)

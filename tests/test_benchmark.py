@@ -1,0 +1,136 @@
+"""benchmark.py: a 2-point sweep end to end (CSV / JSON / PNG / W&B files), the sweep's point
+enumeration, and an out-of-memory point that is recorded while the sweep goes on."""
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import benchmark
+
+CONF = str(Path(benchmark.__file__).resolve().parent / "conf")
+
+
+def config(*overrides, sweep="smoke"):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="benchmark", overrides=[f"sweep={sweep}", "device=cpu", *overrides])
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_point_sweep_writes_every_output(tmp_path):
+    cfg = config("logger.mode=offline", f"accuracy_file={tmp_path / 'acc.csv'}")
+    (tmp_path / "acc.csv").write_text("model,top1\nsparseformer_nano,70.0\ndeit_tiny,72.2\n")
+    run_dir = tmp_path / "run"
+    rows = benchmark.run(cfg, run_dir, progress=False)
+
+    table = read_csv(run_dir / "results.csv")
+    assert len(table) == len(rows) == 2
+    required = ["model", "tokens", "resolution", "batch_size", "mode", "backend", "device", "precision",
+                "throughput_img_s", "latency_ms", "peak_mem_mb", "params", "gmacs"]
+    assert set(required) <= set(table[0])
+    by_model = {r["model"]: r for r in table}
+    assert set(by_model) == {"sparseformer_nano", "deit_tiny"}
+    nano, deit = by_model["sparseformer_nano"], by_model["deit_tiny"]
+    assert (nano["tokens"], deit["tokens"]) == ("16", str((64 // 16) ** 2 + 1))
+    assert (nano["backend"], deit["backend"], nano["device"], nano["precision"]) == ("auto", "dense", "cpu", "fp32")
+    for r in table:
+        assert r["status"] == "ok" and r["resolution"] == "64" and r["batch_size"] == "2" and r["mode"] == "inference"
+        for col in ("throughput_img_s", "latency_ms", "peak_mem_mb", "gmacs"):
+            assert math.isfinite(float(r[col])) and float(r[col]) > 0, (r["model"], col, r[col])
+    # params and MACs come from the models themselves
+    assert int(nano["params"]) == sum(p.numel() for p in benchmark.create_model("sparseformer_nano").parameters())
+    assert float(deit["gmacs"]) == pytest.approx(
+        benchmark.count_flops(benchmark.create_model("deit_tiny", img_size=64), 64)["macs"] / 1e9
+    )
+    # peak memory at least holds the weights
+    assert float(deit["peak_mem_mb"]) >= int(deit["params"]) * 4 / 2**20
+
+    data = json.loads((run_dir / "results.json").read_text())
+    assert [r["model"] for r in data["rows"]] == [r["model"] for r in table]
+    assert data["meta"]["cpu_count"] >= 1 and "torch" in data["meta"]
+    for png in ("throughput_vs_resolution.png", "throughput_vs_tokens.png", "accuracy_vs_throughput.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert "sparseformer_nano / deit_tiny" in (run_dir / "summary.txt").read_text()
+    assert list(run_dir.glob("wandb/offline-run-*")), "W&B's offline files belong in the run directory"
+
+
+def test_out_of_memory_point_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    build = benchmark.build_model
+
+    def build_with_oom(point, backend):
+        m = build(point, backend)
+        if point.model == "sparseformer_nano":
+            def oom(*args, **kwargs):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            m.forward = oom
+        return m
+
+    monkeypatch.setattr(benchmark, "build_model", build_with_oom)
+    cfg = config("logger.mode=disabled", "sweep.resolutions=[64,96]")
+    rows = benchmark.run(cfg, tmp_path, progress=False)
+    status = {(r["model"], r["resolution"]): r["status"] for r in rows}
+    assert status == {("sparseformer_nano", 64): "oom", ("sparseformer_nano", 96): "oom",
+                      ("deit_tiny", 64): "ok", ("deit_tiny", 96): "ok"}
+    table = read_csv(tmp_path / "results.csv")
+    oom_rows = [r for r in table if r["status"] == "oom"]
+    assert len(oom_rows) == 2 and all(r["throughput_img_s"] == "" for r in oom_rows)
+    assert all(float(r["throughput_img_s"]) > 0 for r in table if r["status"] == "ok")
+    assert not list(tmp_path.glob("wandb")), "logger.mode=disabled writes no W&B files"
+
+
+def test_oom_in_a_timed_round_is_recorded_too(tmp_path, monkeypatch):
+    timed = benchmark.Runner.timed
+    calls = {"n": 0}
+
+    def timed_then_oom(self, batch_size):
+        if isinstance(self.model, benchmark.SparseFormer):
+            calls["n"] += 1
+            if calls["n"] > 1:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return timed(self, batch_size)
+
+    monkeypatch.setattr(benchmark.Runner, "timed", timed_then_oom)
+    rows = benchmark.run(config("logger.mode=disabled"), tmp_path, progress=False)
+    assert {r["model"]: r["status"] for r in rows} == {"sparseformer_nano": "oom", "deit_tiny": "ok"}
+
+
+def test_other_errors_are_not_swallowed(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark.Runner, "step", lambda self, b: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        benchmark.run(config("logger.mode=disabled"), tmp_path, progress=False)
+
+
+def test_sweep_points_cover_resolutions_and_tokens():
+    cfg = config()
+    sweep = cfg.sweep
+    sweep.models = ["sparseformer_t", "deit_small"]
+    sweep.resolutions, sweep.tokens, sweep.token_resolution = [224, 512, 1024], [9, 49, 144], 224
+    sweep.dense_max_resolution, sweep.modes, sweep.train_max_resolution = 512, ["inference", "train"], 224
+    points = benchmark.sweep_points(sweep)
+    inference = {(p.model, p.tokens, p.resolution) for p in points if p.mode == "inference"}
+    assert inference == {
+        ("sparseformer_t", None, 224), ("sparseformer_t", 9, 224), ("sparseformer_t", 144, 224),
+        ("sparseformer_t", None, 512), ("sparseformer_t", None, 1024),
+        ("deit_small", None, 224), ("deit_small", None, 512),
+    }  # 49 is T's default: measured once
+    train = {(p.model, p.resolution) for p in points if p.mode == "train"}
+    assert train == {("sparseformer_t", 224), ("deit_small", 224)}
+    sweep.grid = True
+    grid = [p for p in benchmark.sweep_points(sweep) if p.mode == "inference" and p.model == "sparseformer_t"]
+    assert len(grid) == 3 * 3
+    sweep.models = ["resnet50"]
+    with pytest.raises(ValueError, match="resnet50"):
+        benchmark.sweep_points(sweep)
+
+
+def test_every_sweep_config_composes():
+    for name in ("cpu", "full", "smoke"):
+        cfg = config(sweep=name)
+        assert benchmark.sweep_points(cfg.sweep), name
