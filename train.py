@@ -123,6 +123,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     validate(cfg)
     device, precision, backend = resolve_hardware(cfg.hardware)
     info = dist.setup(device, backend)
+    if not info.is_main:  # rank 0 reports; the other ranks only warn (e.g. an undecodable file in their share)
+        logging.getLogger().setLevel(logging.WARNING)
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
     run_dir = Path(dist.broadcast_object(str(run_dir), info))  # rank 0's folder for all ranks
@@ -216,8 +218,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     def run_evaluation() -> dict:
         res = evaluate(ddp_model, data.val_loader, data.eval_transform, info, precision)
         res_ema = evaluate(ema.module, data.val_loader, data.eval_transform, info, precision) if ema else None
-        metrics = {"val/top1": res["top1"], "val/top5": res["top5"], "val/skipped_files": res["skipped"],
-                   "epoch": epoch}
+        metrics = {"val/top1": res["top1"], "val/top5": res["top5"], "val/images": res["n"],
+                   "val/skipped_files": res["skipped"], "epoch": epoch}
         if res_ema:
             metrics.update({"val_ema/top1": res_ema["top1"], "val_ema/top5": res_ema["top5"]})
         logger.log(metrics, step)

@@ -23,9 +23,16 @@ def run_dir_resolver(run_dir=None) -> str:
     return time.strftime("outputs/%Y-%m-%d/%H-%M-%S")
 
 
+def output_subdir_resolver() -> str | None:
+    """hydra.output_subdir: only rank 0 writes the composed config (.hydra/) into the shared run dir."""
+    return ".hydra" if os.environ.get("RANK", "0") == "0" else None
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("sparseformer_run_dir"):
         OmegaConf.register_new_resolver("sparseformer_run_dir", run_dir_resolver)
+    if not OmegaConf.has_resolver("sparseformer_output_subdir"):
+        OmegaConf.register_new_resolver("sparseformer_output_subdir", output_subdir_resolver)
 
 
 def _get(cfg: DictConfig, key: str):

@@ -1,0 +1,29 @@
+"""torchrun + DistributedDataParallel on 2 CPU processes (gloo): replicas stay identical, one run
+directory and one W&B run (rank 0), evaluation counts cover the whole set exactly once."""
+from __future__ import annotations
+
+import json
+
+import torch
+from train_helpers import FAST, TINY_MNIST, TINY_MODEL, run_train
+
+from training.wandb_offline import find_run_files, read_run
+
+
+def test_two_process_gloo_training_keeps_replicas_identical(tmp_path):
+    res = run_train([*TINY_MODEL, *TINY_MNIST, *FAST, "data.test_samples=25", "model.drop_path_rate=0.1",
+                     "trainer.ckpt_every_steps=3"], cwd=tmp_path, torchrun=2, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dirs = list((tmp_path / "outputs" / "torchrun").iterdir())  # named by the rendezvous id, shared
+    assert len(run_dirs) == 1
+    run_dir = run_dirs[0]
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert len(state["rng"]) == 2 and state["step"] == 4  # 32 samples / (2 ranks x 8) = 2 steps per epoch
+    wandb_runs = find_run_files(run_dir)
+    assert len(wandb_runs) == 1  # rank 0 only
+    run = read_run(wandb_runs[0])
+    assert run["summary"]["world_size"] == 2 and run["summary"]["global_batch_size"] == 16
+    assert run["summary"]["ddp/replica_max_abs_diff"] == 0.0
+    evals = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "val/top1" in l]
+    assert evals and all(e["val/images"] == 25 for e in evals)  # 13 + 12 over the two ranks, no padding
