@@ -208,10 +208,11 @@ def _launch_config(x: Tensor) -> dict:
     """Constexprs and launch options shared by the forward and backward kernels.
 
     P and C are padded to powers of two (tl.arange) and to >= 16, the smallest K that 16-bit and
-    fp32 dots accept on GPU; output channels go 16 at a time. Chosen from ptxas statistics of an
-    sm_90 ahead-of-time build with triton 3.6 (no GPU timings yet): at P = 36, C = 96 the bf16 /
-    tf32 kernels use <= 255 registers without spills and <= 119 KB of shared memory with 8 warps;
-    fp64 needs num_stages=1 to keep the backward under the H100's 227 KB.
+    fp32 dots accept on GPU; output channels go 16 at a time. Chosen from the ptxas statistics of
+    `TRITON_INTERPRET=0 python -m kernels.aot` (sm_90 build, triton 3.6; no GPU timings yet): at
+    P = 36, C = 96 the bf16/fp16 kernels use <= 255 registers without spills and <= 119 KB of
+    shared memory with 8 warps; fp64 needs num_stages=1 to keep the backward under the H100's
+    227 KB; fp32 with IEEE dots spills in the backward (TF32 does not).
     """
     P, C = x.shape[2:]
     compute = _backend.compute_dtype(x)

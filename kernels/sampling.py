@@ -207,9 +207,10 @@ def sparse_sample_bwd_kernel(
 # ----------------------------------------------------------------------------- host wrappers
 def _sample_blocks(C: int) -> tuple[int, int]:
     """(BLOCK_Q, BLOCK_C): 32 channels per step (a 128-byte fp32 row segment, no padding waste at
-    C = 96) and >= 32 points per program. From ptxas statistics of an sm_90 build with triton 3.6
-    (no GPU timings yet): 4 warps, ~100 registers forward and ~250 backward, no spills; wider
-    tiles (128 channels) spilled in the backward."""
+    C = 96) and >= 32 points per program. From the ptxas statistics of
+    `TRITON_INTERPRET=0 python -m kernels.aot` (sm_90 build, triton 3.6; no GPU timings yet):
+    4 warps, ~100 registers forward and ~250 backward without spills; 128-channel tiles spilled
+    in the backward."""
     block_c = min(triton.next_power_of_2(C), 32)
     return max(32, 1024 // block_c), block_c
 
