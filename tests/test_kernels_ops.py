@@ -49,14 +49,15 @@ def test_flop_counter_counts_both_ops():
     assert counter.get_total_flops() == 2 * 4 * B * N * P * C + 2 * B * N * (P * C * C + P * P * C)
 
 
-def test_torch_compile_traces_without_graph_breaks():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_traces_without_graph_breaks(backend):
     """fullgraph=True fails on any graph break. The aot_eager backend runs AOTAutograd (fake
     tensors through both ops, forward and backward graphs) without needing a C++ toolchain."""
     torch._dynamo.reset()
 
     def fn(features, points, mc, bc, ms, bs):
-        x = sparse_sample(features, points, point_grad_clamp=1.0, backend="torch")
-        return adaptive_mix(x, mc, bc, ms, bs, backend="torch").square().sum()
+        x = sparse_sample(features, points, point_grad_clamp=1.0, backend=backend)
+        return adaptive_mix(x, mc, bc, ms, bs, backend=backend).square().sum()
 
     f, p = _sample_args()
     _, mc, bc, ms, bs = _mix_args()
