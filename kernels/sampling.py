@@ -62,8 +62,9 @@ def sparse_sample_reference_backward(grad_out: Tensor, features: Tensor, points:
 def _corners(p_x, p_y, m_q, H, W, COMPUTE: tl.constexpr):
     """Bilinear corners and weights of points (x, y) in [0, 1] (grid_sample, align_corners=False).
 
-    The source index mirrors ATen's `((g + 1) * size - 1) / 2` with g = 2p - 1 so that border
-    and pixel-centre points round exactly like the reference.
+    The source index follows ATen's CUDA `((g + 1) * size - 1) / 2` with g = 2p - 1 (its CPU path
+    computes `g * size / 2 + (size / 2 - 0.5)`: equal, up to rounding, which only matters at
+    corner switches, where the point gradient jumps).
     """
     b_px = tl.load(p_x, mask=m_q, other=0).to(COMPUTE)
     b_py = tl.load(p_y, mask=m_q, other=0).to(COMPUTE)
