@@ -30,7 +30,7 @@ from data import build_data, soft_target_cross_entropy
 from model import count_flops, load_official_checkpoint
 from training import checkpoint as ckpt
 from training import dist
-from training.config import register_resolvers, resolve_hardware, validate
+from training.config import ConfigError, register_resolvers, resolve_hardware, validate
 from training.logger import Logger
 from training.optim import EMA, build_optimizer, lr_at
 from training.visualize import draw_sampling, figure_to_array
@@ -114,6 +114,10 @@ def load_weights(model, path: str, fmt: str, overrides: dict):
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    try:
+        validate(cfg)
+    except ConfigError as e:  # one line that names the key and the reason, no traceback
+        raise SystemExit(f"config error: {e}") from None
     return train(cfg, HydraConfig.get().runtime.output_dir)
 
 
