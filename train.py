@@ -252,7 +252,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         data.train_sampler.set_epoch(epoch, start=batch_in_epoch * cfg.data.batch_size)
         bar = tqdm(total=data.steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}",
                    disable=not info.is_main, mininterval=2.0, dynamic_ncols=True)
-        window_loss, window_n, window_images, t0 = 0.0, 0, 0, time.perf_counter()
+        # loss sum, steps, images since the last log line, kept on the device: no host sync per step
+        window, t0 = torch.zeros(3, dtype=torch.float64, device=device), time.perf_counter()
         for x, y, skipped in data.train_loader:
             batch_in_epoch += 1
             train_skipped += skipped
@@ -268,8 +269,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
             with autocast(device, precision):
                 logits = ddp_model(x)
             loss = soft_target_cross_entropy(logits, target)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.optim.clip_grad:
@@ -280,18 +279,19 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
             if ema is not None:
                 ema.update(model)
             step += 1
-            window_loss, window_n, window_images = window_loss + loss.item(), window_n + 1, window_images + len(x)
+            window[0] += loss.detach()
+            window[1] += 1
+            window[2] += len(x)
 
             if step % cfg.logger.log_every_steps == 0 or step == max_steps:
-                stats = dist.all_reduce_sum(torch.tensor([window_loss, window_n, window_images], dtype=torch.float64,
-                                                         device=device), info)
-                img_s = stats[2].item() / (time.perf_counter() - t0)
-                logger.log({"train/loss": stats[0].item() / stats[1].item(), "train/lr": lr,
-                            "train/img_s": img_s, "train/epoch": step / data.steps_per_epoch,
-                            "train/skipped_files": train_skipped}, step)
-                bar.set_postfix(loss=f"{stats[0].item() / stats[1].item():.3f}", lr=f"{lr:.2e}",
-                                img_s=f"{img_s:.0f}")
-                window_loss, window_n, window_images, t0 = 0.0, 0, 0, time.perf_counter()
+                loss_sum, n_steps, n_images = dist.all_reduce_sum(window, info).tolist()
+                img_s, mean_loss = n_images / (time.perf_counter() - t0), loss_sum / n_steps
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"training loss is {mean_loss} at step {step}")
+                logger.log({"train/loss": mean_loss, "train/lr": lr, "train/img_s": img_s,
+                            "train/epoch": step / data.steps_per_epoch, "train/skipped_files": train_skipped}, step)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
+                window, t0 = torch.zeros_like(window), time.perf_counter()
             if tr.ckpt_every_steps and step % tr.ckpt_every_steps == 0:
                 save_checkpoint(epoch, batch_in_epoch)
             if step >= max_steps:
