@@ -23,10 +23,16 @@ plots; logs the same to W&B (offline by default, files under <run dir>/wandb).
 from __future__ import annotations
 
 import csv
+import ctypes
 import json
 import logging
 import math
 import os
+
+# Idle OpenMP threads sleep instead of spinning (read when torch loads OpenMP, so before `import torch`).
+# On a shared or oversubscribed CPU, spinning workers wait for descheduled ones at every op's barrier:
+# measured here (2 shared cores) SparseFormer-T ran 2.9x and DeiT-S 1.7x slower with the spin default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
 import statistics
 import subprocess
@@ -93,6 +99,8 @@ def sweep_points(sweep: DictConfig) -> list[Point]:
                     continue
                 default = SPARSEFORMER_VARIANTS[name]["num_tokens"]
                 counts = list(sweep.tokens) if sweep.grid or res == sweep.token_resolution else []
+                if mode == "train" and not sweep.train_token_sweep:
+                    counts = []
                 for t in [None, *counts]:
                     points.append(Point(name, None if t in (None, default) else int(t), res, mode))
     return list(dict.fromkeys(points))
@@ -336,6 +344,7 @@ def machine_info(device: torch.device) -> dict:
     info = {
         "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
     }  # fmt: skip
     if device.type == "cuda":
@@ -529,12 +538,25 @@ def run_kernels(cfg: DictConfig, device: torch.device, run_dir: Path) -> list[di
     return rows
 
 
+def keep_freed_memory() -> bool:
+    """glibc only: raise the mmap and trim thresholds (mallopt) so that freed activation buffers stay
+    in the heap for the next call instead of going back to the OS and being page-faulted in again
+    (what jemalloc / tcmalloc give PyTorch CPU inference). Every model of the sweep runs under it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 4 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> list[dict]:
     """The whole benchmark into run_dir; returns the result rows."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads is not None:
         torch.set_num_threads(int(cfg.num_threads))
     device = resolve_device(cfg.device)
+    malloc_tuned = device.type == "cpu" and cfg.keep_freed_memory and keep_freed_memory()
     if cfg.mode == "kernels":
         return run_kernels(cfg, device, run_dir)
     if cfg.mode != "sweep":
@@ -543,14 +565,16 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> list[dict]:
     started = time.perf_counter()
     rows = run_sweep(cfg, device, progress=progress)
     meta = machine_info(device)
+    meta["keep_freed_memory"] = malloc_tuned
     meta["sweep_seconds"] = round(time.perf_counter() - started, 1)
     files = write_results(rows, run_dir, meta)
     files += plot_results(rows, run_dir, accuracy, base_resolution=cfg.sweep.token_resolution)
     summary = "\n".join([
-        f"machine: {meta['cpu']} ({meta['cpu_count']} cores, {meta['torch_threads']} torch threads)"
+        f"machine: {meta['cpu']} ({meta['cpu_count']} cores, {meta['torch_threads']} torch threads, "
+        f"OMP_WAIT_POLICY={meta['omp_wait_policy']})"
         + (f", GPU {meta['gpu']}" if "gpu" in meta else "") + f"; torch {meta['torch']}; {meta['date_utc']} UTC",
         f"device={device} backend={cfg.backend} precision={cfg.precision} batch_size={cfg.sweep.batch_size} "
-        f"repeats={cfg.sweep.repeats} (median); sweep took {meta['sweep_seconds']} s",
+        f"repeats={cfg.sweep.repeats} (median) keep_freed_memory={malloc_tuned}; sweep took {meta['sweep_seconds']} s",
         "",
         format_rows(rows),
         "",

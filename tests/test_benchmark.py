@@ -113,6 +113,7 @@ def test_sweep_points_cover_resolutions_and_tokens():
     sweep.models = ["sparseformer_t", "deit_small"]
     sweep.resolutions, sweep.tokens, sweep.token_resolution = [224, 512, 1024], [9, 49, 144], 224
     sweep.dense_max_resolution, sweep.modes, sweep.train_max_resolution = 512, ["inference", "train"], 224
+    sweep.train_token_sweep = False
     points = benchmark.sweep_points(sweep)
     inference = {(p.model, p.tokens, p.resolution) for p in points if p.mode == "inference"}
     assert inference == {
@@ -120,8 +121,11 @@ def test_sweep_points_cover_resolutions_and_tokens():
         ("sparseformer_t", None, 512), ("sparseformer_t", None, 1024),
         ("deit_small", None, 224), ("deit_small", None, 512),
     }  # 49 is T's default: measured once
-    train = {(p.model, p.resolution) for p in points if p.mode == "train"}
-    assert train == {("sparseformer_t", 224), ("deit_small", 224)}
+    train = {(p.model, p.tokens, p.resolution) for p in points if p.mode == "train"}
+    assert train == {("sparseformer_t", None, 224), ("deit_small", None, 224)}
+    sweep.train_token_sweep = True
+    train = {(p.model, p.tokens) for p in benchmark.sweep_points(sweep) if p.mode == "train"}
+    assert train == {("sparseformer_t", None), ("sparseformer_t", 9), ("sparseformer_t", 144), ("deit_small", None)}
     sweep.grid = True
     grid = [p for p in benchmark.sweep_points(sweep) if p.mode == "inference" and p.model == "sparseformer_t"]
     assert len(grid) == 3 * 3
@@ -134,3 +138,12 @@ def test_every_sweep_config_composes():
     for name in ("cpu", "full", "smoke"):
         cfg = config(sweep=name)
         assert benchmark.sweep_points(cfg.sweep), name
+
+
+def test_kernel_mode_runs_the_kernel_benchmarks(tmp_path):
+    cfg = config("mode=kernels", "kernels.variants=[sparseformer_t]", "kernels.dtypes=[fp32]",
+                 "kernels.batch_sizes=[1]", "kernels.passes=[fwd]", "kernels.repeats=1")
+    rows = benchmark.run(cfg, tmp_path, progress=False)
+    assert {(r["kernel"], r["impl"]) for r in rows} == {("sparse_sample", "reference"), ("adaptive_mix", "reference")}
+    assert len(read_csv(tmp_path / "kernels.csv")) == 2
+    assert json.loads((tmp_path / "kernels.json").read_text())["rows"][0]["time_ms"] > 0
