@@ -9,8 +9,10 @@
 Every point (model, tokens, resolution, mode) reports: throughput (img/s at sweep.batch_size, median
 of sweep.repeats timed calls after warm-up), batch-1 latency (median), peak memory, parameters and
 MACs per image counted from the real ops (model.count_flops; forward pass, also for training steps).
-Points that share a resolution and a mode are timed round-robin, one call each per round, so a
-change in machine load hits every model of the comparison alike. A training step is forward +
+Points are timed round-robin, one call each per round, so a change in machine load hits every
+model of a comparison alike: all points of a mode together (sweep.interleave=mode, the CPU default,
+so that ratios across resolutions are side by side too) or per resolution (=resolution, for GPU grids
+too large to hold every model at once). A training step is forward +
 cross-entropy + backward + AdamW step. Peak memory: on CUDA torch.cuda.max_memory_allocated over
 one step; on CPU the bytes held by live tensors before the step (weights, gradients, optimizer
 state, inputs) plus the peak of the torch CPU allocator's running total during one step, read from
@@ -248,14 +250,16 @@ def run_sweep(cfg: DictConfig, device: torch.device, progress: bool = True) -> l
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {cfg.precision!r}")
     points = sweep_points(sweep)
-    groups: dict[tuple[int, str], list[Point]] = {}
-    for p in points:
-        groups.setdefault((p.resolution, p.mode), []).append(p)
+    if sweep.interleave not in ("mode", "resolution"):
+        raise ValueError(f"sweep.interleave must be mode or resolution, got {sweep.interleave!r}")
+    groups: dict[tuple, list[Point]] = {}
+    for p in points:  # the points of a group stay in memory together and are timed round-robin
+        groups.setdefault((p.mode,) if sweep.interleave == "mode" else (p.mode, p.resolution), []).append(p)
     rows: dict[Point, dict] = {}
     flops_cache: dict[tuple, dict] = {}
     steps_per_point = sweep.warmup + sweep.repeats + sweep.latency_repeats + 1
     bar = tqdm(total=len(points) * steps_per_point, desc="benchmark", unit="step", disable=not progress)
-    for (res, mode), group in groups.items():
+    for group in groups.values():
         runners: dict[Point, Runner] = {}
         times: dict[Point, list[float]] = {}
         latencies: dict[Point, list[float]] = {}
@@ -271,13 +275,14 @@ def run_sweep(cfg: DictConfig, device: torch.device, progress: bool = True) -> l
                 torch.cuda.empty_cache()
 
         for p in group:
-            bar.set_postfix_str(f"{p.model} t={p.tokens or 'default'} {res}px {mode} (warm-up)")
+            res = p.resolution
+            bar.set_postfix_str(f"{p.model} t={p.tokens or 'default'} {res}px {p.mode} (warm-up)")
             torch.manual_seed(cfg.seed)
             model = build_model(p, cfg.backend)
             static[p] = dict(tokens=token_count(model, res), params=sum(t.numel() for t in model.parameters()))
             runner = None
             try:
-                runner = Runner(model.to(device), mode, sweep.batch_size, res, device, cfg.precision, cfg.seed)
+                runner = Runner(model.to(device), p.mode, sweep.batch_size, res, device, cfg.precision, cfg.seed)
                 key = (p.model, p.tokens, res)
                 if key not in flops_cache:  # one batch-1 forward under FlopCounterMode
                     flops_cache[key] = count_flops(model, res)
@@ -302,7 +307,7 @@ def run_sweep(cfg: DictConfig, device: torch.device, progress: bool = True) -> l
         # Round-robin: each round times every live point once, so load drift hits them alike.
         for r in range(max(sweep.repeats, sweep.latency_repeats)):
             for p in list(runners):
-                bar.set_postfix_str(f"{res}px {mode} round {r + 1}")
+                bar.set_postfix_str(f"{p.mode} round {r + 1}: {p.model} {p.resolution}px")
                 try:
                     if r < sweep.repeats:
                         times[p].append(runners[p].timed(sweep.batch_size))

@@ -73,7 +73,7 @@ def test_out_of_memory_point_is_recorded_and_the_sweep_goes_on(tmp_path, monkeyp
         return m
 
     monkeypatch.setattr(benchmark, "build_model", build_with_oom)
-    cfg = config("logger.mode=disabled", "sweep.resolutions=[64,96]")
+    cfg = config("logger.mode=disabled", "sweep.resolutions=[64,96]", "sweep.interleave=resolution")
     rows = benchmark.run(cfg, tmp_path, progress=False)
     status = {(r["model"], r["resolution"]): r["status"] for r in rows}
     assert status == {("sparseformer_nano", 64): "oom", ("sparseformer_nano", 96): "oom",
