@@ -13,10 +13,11 @@ Points are timed round-robin, one call each per round, so a change in machine lo
 model of a comparison alike: all points of a mode together (sweep.interleave=mode, the CPU default,
 so that ratios across resolutions are side by side too) or per resolution (=resolution, for GPU grids
 too large to hold every model at once). A training step is forward +
-cross-entropy + backward + AdamW step. Peak memory: on CUDA torch.cuda.max_memory_allocated over
-one step; on CPU the bytes held by live tensors before the step (weights, gradients, optimizer
-state, inputs) plus the peak of the torch CPU allocator's running total during one step, read from
-the profiler's memory events (RSS would count the allocator's cache and every earlier point).
+cross-entropy + backward + AdamW step. Peak memory: the bytes of the tensors the point holds before
+one step (weights, gradients, optimizer state, inputs) plus the peak rise of allocated memory during
+that step: on CUDA from torch.cuda.max_memory_allocated, on CPU the peak of the torch CPU allocator's
+running total read from the profiler's memory events (RSS would count the allocator's cache and
+every earlier point).
 An out-of-memory point is recorded with status=oom and the sweep goes on.
 
 Writes to the run directory (Hydra's output dir): results.csv, results.json, summary.txt and PNG
@@ -200,13 +201,14 @@ class Runner:
 
     def peak_memory_mb(self, batch_size: int) -> float:
         """Peak bytes during one step (see the module docstring for what is measured on each device)."""
-        if self.device.type == "cuda":
+        held = self.held_bytes()
+        if self.device.type == "cuda":  # other models of the group may be resident: count only this one's
             synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.step(batch_size)
             synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        held = self.held_bytes()
+            return (held + torch.cuda.max_memory_allocated(self.device) - before) / 2**20
         activities = [torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
             self.step(batch_size)
