@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -132,14 +132,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
     run_dir = Path(dist.broadcast_object(str(run_dir), info))  # rank 0's folder for all ranks
-    if info.is_main:
-        log.info("run dir %s, world size %d, device %s\n%s", run_dir, info.world_size, info.device,
-                 OmegaConf.to_yaml(cfg))
     device, tr = info.device, cfg.trainer
 
     # ------------------------------------------------------------------ data
     data = build_data(cfg.data, info.world_size, info.rank, cfg.seed, device)
     image_size = cfg.data.get("image_size") or cfg.data.get("canvas_size")
+    with open_dict(cfg):  # the dataset decides these; the logged config must say what was built
+        cfg.model.num_classes, cfg.model.in_chans = data.num_classes, data.in_chans
+    if info.is_main:
+        log.info("run dir %s, world size %d, device %s\n%s", run_dir, info.world_size, info.device,
+                 OmegaConf.to_yaml(cfg))
 
     # ------------------------------------------------------------------ model
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank

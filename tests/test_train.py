@@ -54,6 +54,7 @@ def test_wandb_offline_run_reads_back(mnist_run):
     assert len(files) == 1
     run = read_run(files[0])
     assert run["config"]["model"]["name"] == "sparseformer_nano"
+    assert run["config"]["model"]["num_classes"] == 10 and run["config"]["model"]["in_chans"] == 1
     assert run["config"]["data"]["batch_size"] == 8 and run["config"]["logger"]["mode"] == "offline"
     assert run["summary"]["params"] > 0 and run["summary"]["gmacs"] > run["summary"]["gmacs_without_mixing"] > 0
     hist = run["history"]
