@@ -414,8 +414,10 @@ VARIANTS: dict[str, dict] = {
     "sparseformer_t": dict(num_tokens=49, focusing_dim=256, cortex_dim=512, cortex_depth=8, drop_path_rate=0.2),
     "sparseformer_s": dict(num_tokens=64, focusing_dim=320, cortex_dim=640, cortex_depth=8, drop_path_rate=0.3),
     "sparseformer_b": dict(num_tokens=81, focusing_dim=384, cortex_dim=768, cortex_depth=10, drop_path_rate=0.4),
+    # Sized for 1x100x100 cluttered-MNIST canvases on a 2-core CPU (tuning notes in
+    # conf/data_model/cluttered_mnist_sparseformer_nano.yaml).
     "sparseformer_nano": dict(
-        num_tokens=16, num_points=16, conv_dim=32, focusing_dim=64, cortex_dim=128, cortex_depth=2,
+        num_tokens=25, num_points=16, conv_dim=32, focusing_dim=64, cortex_dim=128, cortex_depth=2,
         num_heads=8, drop_path_rate=0.0,
     ),
 }  # fmt: skip

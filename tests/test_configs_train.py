@@ -31,8 +31,9 @@ def test_default_is_nano_on_cluttered_mnist_on_cpu():
     validate(cfg)
     assert cfg.model.name == "sparseformer_nano" and cfg.data.name == "cluttered_mnist"
     assert cfg.logger.mode == "offline"
-    # the (data, model) specialisation tuned nano for 1x100x100 canvases
-    assert cfg.model.conv_dim == OmegaConf.load(CONF / "data_model/cluttered_mnist_sparseformer_nano.yaml").model.conv_dim
+    # the (data, model) specialisation picked for the default pair sets its training schedule
+    specialisation = OmegaConf.load(CONF / "data_model/cluttered_mnist_sparseformer_nano.yaml")
+    assert cfg.trainer.epochs == specialisation.trainer.epochs and cfg.optim.lr == specialisation.optim.lr
     if not torch.cuda.is_available():
         assert resolve_hardware(cfg.hardware) == ("cpu", "fp32", "gloo")
     model = instantiate(cfg.model, num_classes=10, in_chans=1)
