@@ -4,39 +4,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import backend as kbackend
+from kernel_helpers import TOL, assert_close, poisoned  # noqa: F401 (poisoned is a fixture)
 from kernels import mixing
 from kernels.mixing import adaptive_mix, adaptive_mix_bwd, adaptive_mix_reference, adaptive_mix_reference_backward
 
-# norm-wise relative error bounds against float64 (KERNELS.md, "Tolerances")
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 NAMES = ("x", "channel_weight", "channel_bias", "spatial_weight", "spatial_bias")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; an all-zero reference makes it absolute. NaN stays NaN."""
-    diff = (out.double() - ref.double()).norm()
-    return (diff / ref.double().norm().clamp_min(1e-300)).item()
-
-
-def assert_close(out, ref, tol, what):
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten elements?)"
-    err = rel_err(out, ref)
-    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every kernel output starts as NaN, so an element a kernel does not write fails the comparison."""
-    shapes = []
-
-    def nan_empty(shape, *, dtype, device):
-        shapes.append(tuple(shape))
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(kbackend, "empty_output", nan_empty)
-    return shapes
 
 
 def make_inputs(B, N, P, C, dtype):
