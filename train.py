@@ -13,13 +13,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
 
-import hydra
-import numpy as np
-import torch
+# Before torch loads OpenMP: idle workers sleep instead of spinning, which on a small shared CPU
+# otherwise stalls every op at a barrier (benchmark.py does the same).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import hydra  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import torch.distributed as torch_dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict

@@ -60,7 +60,9 @@ class EarlyConvolution(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Channels-last throughout: pooling and the per-pixel standardisation then run on contiguous
         # C-vectors (~2.5x faster stem on CPU than NCHW) and the output needs no permute copy.
-        x = self.conv1(x.contiguous(memory_format=torch.channels_last))
+        # (the output is forced channels-last too: with one input channel both layouts look contiguous
+        # and oneDNN returns NCHW, whose max-pool is ~10x slower on CPU)
+        x = self.conv1(x.contiguous(memory_format=torch.channels_last)).contiguous(memory_format=torch.channels_last)
         # relu(maxpool(x)) == maxpool(relu(x)) (max commutes with a monotone map; same argmax, same
         # gradients): ReLU on the 4x smaller pooled map, in place.
         x = F.relu(self.pool(x), inplace=True).permute(0, 2, 3, 1)  # (B, h, w, C) view, contiguous
