@@ -397,6 +397,13 @@ def plot_results(rows: list[dict], run_dir: Path, accuracy: Optional[dict[str, f
         fig, axes = plt.subplots(1, max(n, 1), figsize=(5.2 * max(n, 1), 3.8), squeeze=False)
         return fig, axes[0]
 
+    def save(fig, name):
+        path = run_dir / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        paths.append(path)
+
     by_res = _resolution_rows(ok)
     fig, axes = figure(len(modes))
     for ax, mode in zip(axes, modes):
@@ -406,11 +413,7 @@ def plot_results(rows: list[dict], run_dir: Path, accuracy: Optional[dict[str, f
         ax.set(xlabel="resolution (px)", ylabel="throughput (img/s)", title=f"{mode} ({title})", yscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    path = run_dir / "throughput_vs_resolution.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    paths.append(path)
+    save(fig, "throughput_vs_resolution.png")
 
     sf = [r for r in ok if is_sparseformer(r["model"]) and r["resolution"] == base_resolution]
     if sf:
@@ -427,11 +430,7 @@ def plot_results(rows: list[dict], run_dir: Path, accuracy: Optional[dict[str, f
             ax.set(xlabel="latent tokens", ylabel="throughput (img/s)", title=f"{mode}, {base_resolution} px ({title})")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        path = run_dir / "throughput_vs_tokens.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        paths.append(path)
+        save(fig, "throughput_vs_tokens.png")
 
     if accuracy:
         pts = [(r["throughput_img_s"], accuracy[r["model"]], r["model"]) for r in by_res
@@ -445,11 +444,7 @@ def plot_results(rows: list[dict], run_dir: Path, accuracy: Optional[dict[str, f
             ax.set(xlabel="inference throughput (img/s)", ylabel="top-1 (%)", xscale="log",
                    title=f"accuracy vs throughput, {base_resolution} px ({title})")
             ax.grid(alpha=0.3)
-            path = run_dir / "accuracy_vs_throughput.png"
-            fig.tight_layout()
-            fig.savefig(path, dpi=80)
-            plt.close(fig)
-            paths.append(path)
+            save(fig, "accuracy_vs_throughput.png")
     return paths
 
 
