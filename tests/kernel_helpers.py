@@ -32,3 +32,14 @@ def poisoned(monkeypatch):
 
     monkeypatch.setattr(kbackend, "empty_output", nan_empty)
     return shapes
+
+
+def launch_one_program_too_few(monkeypatch, module, kernel_name: str) -> None:
+    """Replace `module.kernel_name` so every launch drops its last program along grid axis 0."""
+    real = getattr(module, kernel_name)
+
+    class ShortGrid:
+        def __getitem__(self, grid):
+            return real[(grid[0] - 1,)]
+
+    monkeypatch.setattr(module, kernel_name, ShortGrid())

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernel_helpers import TOL, assert_close, poisoned  # noqa: F401 (poisoned is a fixture)
+from kernel_helpers import TOL, assert_close, launch_one_program_too_few, poisoned  # noqa: F401 (poisoned is a fixture)
 from kernels import sampling
 from kernels.sampling import sparse_sample, sparse_sample_bwd, sparse_sample_reference, sparse_sample_reference_backward
 
@@ -148,13 +148,7 @@ def test_random_shapes(B, H, W, C, N, P, seed):
 
 def test_poisoning_catches_unwritten_elements(poisoned, monkeypatch):
     """Launch one program too few: the last block of points stays NaN, and the check must see it."""
-    real = sampling.sparse_sample_fwd_kernel
-
-    class ShortGrid:
-        def __getitem__(self, grid):
-            return real[(grid[0] - 1,)]
-
-    monkeypatch.setattr(sampling, "sparse_sample_fwd_kernel", ShortGrid())
+    launch_one_program_too_few(monkeypatch, sampling, "sparse_sample_fwd_kernel")
     features, points, _ = make_inputs(1, 4, 4, 8, 1, 40, torch.float32)
     out = sparse_sample(features, points, backend="triton")
     assert torch.isnan(out).any()
