@@ -45,6 +45,39 @@ def drop_path(x: Tensor, drop_prob: float, training: bool) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- early convolution
+def _stem_patches(x: Tensor, out_hw: tuple[int, int]) -> Tensor:
+    """x (B, C, H, W) -> (B * Ho * Wo, 7 * 7 * C): the zero-padded 7x7/2 patches, (ky, kx, c) fastest last."""
+    B, C, H, W = x.shape
+    Ho, Wo = out_hw
+    xp = F.pad(x, (3, 2 * Wo + 2 - W, 3, 2 * Ho + 2 - H)).contiguous(memory_format=torch.channels_last)
+    Hp, Wp = xp.shape[2:]
+    patches = xp.as_strided((B, Ho, Wo, 7, 7, C), (Hp * Wp * C, 2 * Wp * C, 2 * C, Wp * C, C, 1))
+    return patches.reshape(B * Ho * Wo, 7 * 7 * C)
+
+
+class _GemmGradStemConv(torch.autograd.Function):
+    """Conv 7x7/2 (padding 3) whose weight gradient is one GEMM over the input patches.
+
+    On CPU, oneDNN's weight-gradient kernel for a single input channel (the cluttered-MNIST stem)
+    takes ~75 ms per batch of 64 1x100x100 canvases; patches + GEMM take ~25 ms. The input gets no
+    gradient (the stem's input is the image). Output (B, C_out, Ho, Wo) in channels-last memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, bias, stride=2, padding=3).contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        c_out, out_hw = weight.shape[0], grad.shape[2:]
+        grad = grad.permute(0, 2, 3, 1).reshape(-1, c_out)  # (B * Ho * Wo, C_out), a view when channels-last
+        patches = _stem_patches(x, out_hw)
+        grad_w = (grad.t() @ patches).view(c_out, 7, 7, x.shape[1]).permute(0, 3, 1, 2)
+        return None, grad_w, grad.sum(0)
+
+
 class EarlyConvolution(nn.Module):
     """Conv 7x7/2 -> ReLU -> MaxPool 3/2 -> parameter-free channel standardisation.
 
@@ -57,12 +90,24 @@ class EarlyConvolution(nn.Module):
         self.conv1 = nn.Conv2d(in_chans, conv_dim, kernel_size=7, stride=2, padding=3, bias=True)
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
+    def gemm_weight_grad(self, x: Tensor) -> bool:
+        """Train a 1-channel stem on CPU through `_GemmGradStemConv` (same result, ~2x faster stem step)."""
+        conv = self.conv1
+        return (
+            x.device.type == "cpu" and x.shape[1] == 1 and not x.requires_grad and torch.is_grad_enabled()
+            and conv.weight.requires_grad and conv.bias is not None and not torch.is_autocast_enabled("cpu")
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         # Channels-last throughout: pooling and the per-pixel standardisation then run on contiguous
         # C-vectors (~2.5x faster stem on CPU than NCHW) and the output needs no permute copy.
         # (the output is forced channels-last too: with one input channel both layouts look contiguous
         # and oneDNN returns NCHW, whose max-pool is ~10x slower on CPU)
-        x = self.conv1(x.contiguous(memory_format=torch.channels_last)).contiguous(memory_format=torch.channels_last)
+        conv = self.conv1
+        if self.gemm_weight_grad(x):
+            x = _GemmGradStemConv.apply(x, conv.weight, conv.bias)
+        else:
+            x = conv(x.contiguous(memory_format=torch.channels_last)).contiguous(memory_format=torch.channels_last)
         # relu(maxpool(x)) == maxpool(relu(x)) (max commutes with a monotone map; same argmax, same
         # gradients): ReLU on the 4x smaller pooled map, in place.
         x = F.relu(self.pool(x), inplace=True).permute(0, 2, 3, 1)  # (B, h, w, C) view, contiguous
@@ -152,8 +197,9 @@ class AdaptiveMixing(nn.Module):
         """sampled (B, N, P, C), tokens (B, N, d) -> (B, N, d)."""
         B, N, P, C = sampled.shape
         params = self.parameter_generator(tokens)  # (B, N, C*C + P*P), in the autocast dtype if any
-        channel_weight = params[..., : C * C].view(B, N, C, C)
-        spatial_weight = params[..., C * C :].view(B, N, P, P)
+        # split, not two slices: its backward is one cat instead of zero-fill + copy per slice
+        channel_weight, spatial_weight = params.split([C * C, P * P], dim=-1)
+        channel_weight, spatial_weight = channel_weight.view(B, N, C, C), spatial_weight.view(B, N, P, P)
         dtype = params.dtype
         mixed = adaptive_mix(
             sampled.to(dtype),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import model
-from model.sparseformer import SparseFormer, adjust_rois, make_sampling_points
+from model.sparseformer import EarlyConvolution, SparseFormer, _GemmGradStemConv, adjust_rois, make_sampling_points
 
 EXACT_PARAMS = {
     "sparseformer_t": 31_522_212,
@@ -130,6 +130,38 @@ def test_roi_adjust_and_points_geometry():
     half = 1.0 / (3 * (math.sqrt(2.0) + 1e-7))
     expected = torch.tensor([[0.4 - half * 0.4, 0.3 - half * 0.2], [0.4 + half * 0.4, 0.3 + half * 0.2]])
     torch.testing.assert_close(points[0, 0], expected)
+
+
+@pytest.mark.parametrize("hw", [(9, 10), (16, 16), (13, 7)])
+def test_gemm_grad_stem_conv_gradcheck(hw):
+    """The 1-channel CPU training stem: fp64 gradcheck of its GEMM weight/bias gradients, odd and even sizes."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, *hw, dtype=torch.float64)
+    w = torch.randn(3, 1, 7, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    out = _GemmGradStemConv.apply(x, w, b)
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(x, w, b, stride=2, padding=3))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.autograd.gradcheck(lambda w, b: _GemmGradStemConv.apply(x, w, b), (w, b))
+
+
+def test_stem_takes_the_gemm_path_only_where_it_is_exact():
+    """Training a 1-channel stem goes through the GEMM weight gradient and matches the plain conv's
+    gradients; an input that needs its own gradient (saliency) keeps the plain conv."""
+    torch.manual_seed(0)
+    stem = EarlyConvolution(in_chans=1, conv_dim=8)
+    x = torch.rand(3, 1, 20, 22)
+    assert stem.gemm_weight_grad(x)
+    assert not stem.gemm_weight_grad(x.clone().requires_grad_())
+    assert not EarlyConvolution(in_chans=3, conv_dim=8).gemm_weight_grad(torch.rand(1, 3, 20, 22))
+    with torch.no_grad():
+        assert not stem.gemm_weight_grad(x)
+    g = torch.randn(3, 5, 6, 8)
+    fast = torch.autograd.grad(stem(x), (stem.conv1.weight, stem.conv1.bias), g)
+    xg = x.clone().requires_grad_()  # plain-conv path
+    plain = torch.autograd.grad(stem(xg), (stem.conv1.weight, stem.conv1.bias), g)
+    for a, b in zip(fast, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_drop_path_is_per_sample_and_off_in_eval():
