@@ -2,6 +2,7 @@
 optimizer -> resume -> loop (step, log, checkpoint, evaluate) -> finish.
 
     python train.py                                    # SparseFormer-nano on cluttered MNIST, CPU
+                                                       # (2 single-threaded DDP ranks: hardware.processes=2)
     python train.py model=sparseformer_s data=imagenet data.root=/data/imagenet hardware=gpu
     python train.py experiment=sparseformer_t_imagenet # the paper's recipe (300 epochs)
     torchrun --nproc_per_node=8 train.py experiment=sparseformer_s_imagenet
@@ -11,10 +12,13 @@ optimizer -> resume -> loop (step, log, checkpoint, evaluate) -> finish.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -123,12 +127,45 @@ def main(cfg: DictConfig) -> float:
         validate(cfg)
     except ConfigError as e:  # one line that names the key and the reason, no traceback
         raise SystemExit(f"config error: {e}") from None
-    return train(cfg, HydraConfig.get().runtime.output_dir)
+    run_dir = HydraConfig.get().runtime.output_dir
+    if launches_processes(cfg):
+        return launch_local_processes(cfg, run_dir, HydraConfig.get().overrides.task)
+    return train(cfg, run_dir)
+
+
+def launches_processes(cfg: DictConfig) -> bool:
+    """hardware.processes > 1 in a plain `python train.py` (not already under torchrun or a Slurm job
+    of several tasks, which start their own processes)."""
+    already = "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    return cfg.hardware.processes > 1 and not already
+
+
+def launch_local_processes(cfg: DictConfig, run_dir: str, overrides: list[str]) -> float | None:
+    """Rerun this command as `torchrun --standalone --nproc_per_node=N train.py <same overrides>` in
+    this run folder, with the machine's cores split between the N processes, and wait for it.
+
+    On a small CPU, N single-threaded DDP processes beat one N-threaded process: most ops of a
+    small model are too small for intra-op threads (cluttered MNIST on 2 cores: ~1.5x the img/s).
+    """
+    n = cfg.hardware.processes
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = cfg.hardware.num_threads or max(1, cores // n)
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("run_dir=", "hardware.num_threads="))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           str(Path(__file__).resolve()), *keep, f"run_dir={Path(run_dir).resolve()}", f"hardware.num_threads={threads}"]
+    log.info("hardware.processes=%d: launching %d local processes of %d thread(s) each (%s)", n, n, threads,
+             " ".join(cmd[1:6]))
+    returncode = subprocess.call(cmd)
+    if returncode:
+        raise SystemExit(f"the {n} training processes failed (exit code {returncode}); see {run_dir}/train.log")
+    result = Path(run_dir) / "result.json"
+    return json.loads(result.read_text())["top1"] if result.is_file() else None
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> float:
     """The whole run; returns the final val top-1 (%). Tests call it with a composed config."""
     # ------------------------------------------------------------------ config and processes
+    start_time = time.perf_counter()
     validate(cfg)
     device, precision, backend = resolve_hardware(cfg.hardware)
     info = dist.setup(device, backend)
@@ -245,11 +282,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
                      f"; {res['skipped']} undecodable files skipped" if res["skipped"] else "")
         return {"top1": res["top1"], "top1_ema": res_ema and res_ema["top1"]}
 
-    if tr.eval_only:
-        result = run_evaluation()
+    def finish(result: dict) -> float:
+        """result.json (rank 0): the final numbers and the wall time since train() started."""
+        if info.is_main:
+            out = {**result, "step": step, "wall_s": round(time.perf_counter() - start_time, 1),
+                   "world_size": info.world_size}
+            tmp = run_dir / "result.json.tmp"
+            tmp.write_text(json.dumps(out, indent=1) + "\n")
+            os.replace(tmp, run_dir / "result.json")
         logger.finish()
         dist.teardown(info)
         return result["top1"]
+
+    if tr.eval_only:
+        return finish(run_evaluation())
 
     # ------------------------------------------------------------------ training loop
     max_steps = min(tr.max_steps or total_steps, total_steps)
@@ -322,9 +368,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
             log.info("DDP replicas after training: max |w_rank - w_rank0| = %g", diff)
     logger.summary({"final/top1": result["top1"], "final/top1_ema": result["top1_ema"], "final/step": step,
                     "train/skipped_files_total": train_skipped})
-    logger.finish()
-    dist.teardown(info)
-    return result["top1"]
+    return finish(result)
 
 
 if __name__ == "__main__":

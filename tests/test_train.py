@@ -46,6 +46,8 @@ def test_default_path_trains_and_checkpoints(mnist_run):
     lrs = [m["train/lr"] for m in read_metrics(run_dir) if "train/lr" in m]
     assert lrs[0] == pytest.approx(cfg.schedule.warmup_lr) and lrs[2] == pytest.approx(cfg.optim.lr)
     assert lrs[2] > lrs[4] > lrs[7] > cfg.schedule.min_lr
+    result = json.loads((run_dir / "result.json").read_text())  # the final numbers, for scripts
+    assert result["top1"] == top1 and result["step"] == 8 and result["world_size"] == 1 and result["wall_s"] > 0
 
 
 def test_wandb_offline_run_reads_back(mnist_run):

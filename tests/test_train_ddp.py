@@ -27,3 +27,25 @@ def test_two_process_gloo_training_keeps_replicas_identical(tmp_path):
     assert run["summary"]["ddp/replica_max_abs_diff"] == 0.0
     evals = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "val/top1" in l]
     assert evals and all(e["val/images"] == 25 for e in evals)  # 13 + 12 over the two ranks, no padding
+
+
+def test_processes_option_relaunches_under_torchrun_in_one_run_dir(tmp_path):
+    """`python train.py hardware.processes=2` (the cluttered-MNIST default) starts 2 single-threaded
+    DDP ranks itself: one run folder (the parent's), both ranks in the checkpoint, result.json."""
+    fast = [a for a in FAST if not a.startswith(("hardware.processes=", "hardware.num_threads="))]
+    res = run_train([*TINY_MODEL, *TINY_MNIST, *fast, "hardware.processes=2"], cwd=tmp_path, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(run_dirs) == 1 and run_dirs[0].parent.name != "torchrun", run_dirs
+    run_dir = run_dirs[0]
+    assert "launching 2 local processes of 1 thread(s) each" in (run_dir / "train.log").read_text()
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert len(state["rng"]) == 2 and state["step"] == 4  # 32 samples / (2 ranks x 8) x 2 epochs
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["world_size"] == 2 and result["step"] == 4 and 0 <= result["top1"] <= 100
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_processes_must_be_positive(tmp_path):
+    res = run_train([*TINY_MODEL, *TINY_MNIST, *FAST, "hardware.processes=0"], cwd=tmp_path, timeout=120)
+    assert res.returncode != 0 and "hardware.processes=0" in res.stderr

@@ -122,6 +122,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.hardware.device == "cpu" and cfg.hardware.dist_backend == "nccl":
         raise ConfigError("hardware.dist_backend='nccl': NCCL needs CUDA; use gloo with hardware.device=cpu")
     _check(cfg, "hardware.num_threads", lambda v: v is None or (_int(v) and v > 0), "must be null or > 0")
+    _check(cfg, "hardware.processes", lambda v: _int(v) and v > 0, "must be a positive integer (local processes)")
     _check(cfg, "logger.mode", lambda v: v in ("offline", "online", "disabled"), "must be offline, online or disabled")
     _check(cfg, "logger.log_every_steps", lambda v: _int(v) and v > 0, "must be a positive integer")
     _check(cfg, "logger.num_roi_images", lambda v: _int(v) and v >= 0, "must be an integer >= 0")
