@@ -162,6 +162,7 @@ def test_stem_takes_the_gemm_path_only_where_it_is_exact():
     plain = torch.autograd.grad(stem(xg), (stem.conv1.weight, stem.conv1.bias), g)
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        assert a.is_contiguous()  # the parameter's layout, as DDP's gradient buckets expect
 
 
 def test_drop_path_is_per_sample_and_off_in_eval():
