@@ -34,6 +34,8 @@ def test_default_is_nano_on_cluttered_mnist_on_cpu():
     # the (data, model) specialisation picked for the default pair sets its training schedule
     specialisation = OmegaConf.load(CONF / "data_model/cluttered_mnist_sparseformer_nano.yaml")
     assert cfg.trainer.epochs == specialisation.trainer.epochs and cfg.optim.lr == specialisation.optim.lr
+    # two local ranks of 32 canvases: the global batch the schedule was tuned for
+    assert cfg.hardware.processes == 2 and cfg.data.batch_size * cfg.hardware.processes == 64
     if not torch.cuda.is_available():
         assert resolve_hardware(cfg.hardware) == ("cpu", "fp32", "gloo")
     model = instantiate(cfg.model, num_classes=10, in_chans=1)

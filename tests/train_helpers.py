@@ -19,7 +19,8 @@ TINY_MODEL = ["model.num_tokens=4", "model.num_points=4", "model.conv_dim=8", "m
 TINY_MNIST = ["data.batch_size=8", "data.eval_batch_size=16", "data.train_samples_per_epoch=32",
               "data.test_samples=24", "data.canvas_size=40", "data.num_clutter=2", "data.num_workers=0"]
 FAST = ["hardware=cpu", "hardware.num_threads=1", "hardware.processes=1", "logger.log_every_steps=1",
-        "logger.num_roi_images=2", "trainer.epochs=2", "trainer.ema_decay=0.9", "schedule.warmup_epochs=0.5"]
+        "logger.num_roi_images=2", "trainer.epochs=2", "trainer.eval_every_epochs=1", "trainer.ema_decay=0.9",
+        "schedule.warmup_epochs=0.5"]
 
 
 def compose_cfg(overrides: list[str]):
