@@ -287,9 +287,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         if info.is_main:
             out = {**result, "step": step, "wall_s": round(time.perf_counter() - start_time, 1),
                    "world_size": info.world_size}
-            tmp = run_dir / "result.json.tmp"
-            tmp.write_text(json.dumps(out, indent=1) + "\n")
-            os.replace(tmp, run_dir / "result.json")
+            ckpt.save_atomic(out, run_dir / "result.json", save=lambda o, p: p.write_text(json.dumps(o, indent=1)))
         logger.finish()
         dist.teardown(info)
         return result["top1"]

@@ -12,10 +12,11 @@ import torch
 LAST = "last.pt"
 
 
-def save_atomic(obj: dict, path: Path) -> None:
+def save_atomic(obj: dict, path: Path, save=torch.save) -> None:
+    """save(obj, temp file) next to `path`, then rename it onto `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    torch.save(obj, tmp)
+    save(obj, tmp)
     os.replace(tmp, path)
 
 
