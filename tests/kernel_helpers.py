@@ -43,3 +43,14 @@ def launch_one_program_too_few(monkeypatch, module, kernel_name: str) -> None:
             return real[(grid[0] - 1,)]
 
     monkeypatch.setattr(module, kernel_name, ShortGrid())
+
+
+def break_kernels(monkeypatch, module, *kernel_names: str) -> None:
+    """Replace each `module.<kernel_name>` by one whose every launch raises RuntimeError("kernel exploded")."""
+
+    class Broken:
+        def __getitem__(self, grid):
+            raise RuntimeError("kernel exploded")
+
+    for name in kernel_names:
+        monkeypatch.setattr(module, name, Broken())

@@ -4,7 +4,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel_helpers import TOL, assert_close, launch_one_program_too_few, poisoned  # noqa: F401 (poisoned is a fixture)
+from kernel_helpers import (
+    TOL,
+    assert_close,
+    break_kernels,
+    launch_one_program_too_few,
+    poisoned,  # noqa: F401 (a fixture)
+)
 from kernels import mixing
 from kernels.mixing import adaptive_mix, adaptive_mix_bwd, adaptive_mix_reference, adaptive_mix_reference_backward
 
@@ -107,12 +113,7 @@ def test_poisoning_catches_unwritten_elements(poisoned, monkeypatch):
 
 
 def test_triton_failure_is_not_swallowed(monkeypatch):
-    class Broken:
-        def __getitem__(self, grid):
-            raise RuntimeError("kernel exploded")
-
-    monkeypatch.setattr(mixing, "adaptive_mix_fwd_kernel", Broken())
-    monkeypatch.setattr(mixing, "adaptive_mix_bwd_kernel", Broken())
+    break_kernels(monkeypatch, mixing, "adaptive_mix_fwd_kernel", "adaptive_mix_bwd_kernel")
     inputs, grad_out = make_inputs(1, 1, 4, 8, torch.float32)
     with pytest.raises(RuntimeError, match="kernel exploded"):
         adaptive_mix(*inputs, backend="triton")

@@ -5,7 +5,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernel_helpers import TOL, assert_close, launch_one_program_too_few, poisoned  # noqa: F401 (poisoned is a fixture)
+from kernel_helpers import (
+    TOL,
+    assert_close,
+    break_kernels,
+    launch_one_program_too_few,
+    poisoned,  # noqa: F401 (a fixture)
+)
 from kernels import sampling
 from kernels.sampling import sparse_sample, sparse_sample_bwd, sparse_sample_reference, sparse_sample_reference_backward
 
@@ -157,12 +163,7 @@ def test_poisoning_catches_unwritten_elements(poisoned, monkeypatch):
 
 
 def test_triton_failure_is_not_swallowed(monkeypatch):
-    class Broken:
-        def __getitem__(self, grid):
-            raise RuntimeError("kernel exploded")
-
-    monkeypatch.setattr(sampling, "sparse_sample_fwd_kernel", Broken())
-    monkeypatch.setattr(sampling, "sparse_sample_bwd_kernel", Broken())
+    break_kernels(monkeypatch, sampling, "sparse_sample_fwd_kernel", "sparse_sample_bwd_kernel")
     features, points, _ = make_inputs(1, 4, 4, 8, 1, 4, torch.float32)
     with pytest.raises(RuntimeError, match="kernel exploded"):
         sparse_sample(features, points, backend="triton")
