@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import hydra.utils
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
@@ -48,6 +49,18 @@ def test_default_path_trains_and_checkpoints(mnist_run):
     assert lrs[2] > lrs[4] > lrs[7] > cfg.schedule.min_lr
     result = json.loads((run_dir / "result.json").read_text())  # the final numbers, for scripts
     assert result["top1"] == top1 and result["step"] == 8 and result["world_size"] == 1 and result["wall_s"] > 0
+
+
+def test_optimizer_is_fused_adamw_with_no_decay_groups():
+    from training.optim import build_optimizer
+
+    cfg = compose_cfg([*TINY_MODEL, *TINY_MNIST, *FAST])
+    m = hydra.utils.instantiate(cfg.model, num_classes=10, in_chans=1)
+    opt = build_optimizer(m, cfg.optim, 1e-3)
+    assert opt.defaults["fused"] is True  # one kernel per step on CPU/CUDA
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == cfg.optim.weight_decay and no_decay["weight_decay"] == 0.0
+    assert m.token_roi in no_decay["params"] and all(p.ndim > 1 for p in decay["params"])
 
 
 def test_wandb_offline_run_reads_back(mnist_run):
