@@ -75,8 +75,9 @@ class _GemmGradStemConv(torch.autograd.Function):
         grad = grad.permute(0, 2, 3, 1).reshape(-1, c_out)  # (B * Ho * Wo, C_out), a view when channels-last
         patches = _stem_patches(x, out_hw)
         grad_w = (grad.t() @ patches).view(c_out, 7, 7, x.shape[1]).permute(0, 3, 1, 2)
-        # in the weight's own (contiguous) layout: DDP's gradient buckets expect the parameter's strides
-        return None, grad_w.contiguous(), grad.sum(0)
+        # copied into the weight's exact strides: DDP's buckets compare every stride, and with one input
+        # channel the permuted view already counts as contiguous (.contiguous() would keep its strides)
+        return None, torch.empty_like(weight).copy_(grad_w), grad.sum(0)
 
 
 class EarlyConvolution(nn.Module):
