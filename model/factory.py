@@ -1,15 +1,22 @@
-"""`create_model(name, **overrides)`: the one way in to every registered model."""
+"""`create_model(name, pretrained=False, **overrides)`: the one way in to every registered model."""
 from __future__ import annotations
 
 import inspect
 
 import torch.nn as nn
 
-from . import deit, sparseformer
+from . import deit, hub, sparseformer
 
 _REGISTRY: dict[str, tuple[type, dict]] = {
     **{name: (sparseformer.SparseFormer, cfg) for name, cfg in sparseformer.VARIANTS.items()},
     **{name: (deit.DeiT, cfg) for name, cfg in deit.VARIANTS.items()},
+}
+
+# How each model class loads weights (model/hub.py); a class not listed loads only our own layout.
+_PRETRAINED: dict[type, hub.PretrainedCfg] = {
+    sparseformer.SparseFormer: hub.PretrainedCfg("head.classifier", "stem.conv1", sparseformer.checkpoint_filter_fn,
+                                                 sparseformer.RELEASED_WEIGHTS),
+    deit.DeiT: hub.PretrainedCfg("head", "patch_embed"),
 }
 
 
@@ -17,14 +24,9 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, **overrides) -> nn.Module:
-    """Build a registered model; `overrides` replace the variant's defaults.
-
-    SparseFormer keys: num_tokens, num_points, conv_dim, focusing_dim, cortex_dim, cortex_depth,
-    focusing_repeats, num_heads, mlp_ratio, num_classes, in_chans, drop_path_rate, backend.
-    DeiT keys: img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio,
-    drop_path_rate.
-    """
+def check_model_args(name: str, pretrained=False, **overrides) -> tuple[type, dict]:
+    """(class, its keyword arguments) for `create_model(name, pretrained, **overrides)`, or a
+    ValueError naming the unknown name, the unknown override or the unusable `pretrained`; builds nothing."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     cls, defaults = _REGISTRY[name]
@@ -32,4 +34,24 @@ def create_model(name: str, **overrides) -> nn.Module:
     unknown = set(overrides) - accepted
     if unknown:
         raise ValueError(f"{name}: unknown override(s) {sorted(unknown)}; accepted: {sorted(accepted)}")
-    return cls(**{**defaults, **overrides})
+    hub.check_source(pretrained, name, _PRETRAINED.get(cls, hub.PretrainedCfg()))
+    return cls, {**defaults, **overrides}
+
+
+def create_model(name: str, pretrained=False, **overrides) -> nn.Module:
+    """Build a registered model; `overrides` replace the variant's defaults.
+
+    pretrained: False; True (the authors' released weights of this variant, downloaded once into the
+    torch hub cache); a release tag; a URL; or a file (a train.py checkpoint, a state dict, the
+    authors' v1/v2 files). A different num_classes re-initialises the classifier (model/hub.py).
+
+    SparseFormer keys: num_tokens, num_points, conv_dim, focusing_dim, cortex_dim, cortex_depth,
+    focusing_repeats, num_heads, mlp_ratio, num_classes, in_chans, drop_path_rate, backend.
+    DeiT keys: img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio,
+    drop_path_rate.
+    """
+    cls, kwargs = check_model_args(name, pretrained, **overrides)
+    model = cls(**kwargs)
+    if pretrained:
+        hub.load_pretrained(model, pretrained, name, _PRETRAINED.get(cls, hub.PretrainedCfg()))
+    return model

@@ -22,6 +22,8 @@ from torch import Tensor
 from kernels import adaptive_mix, sparse_sample
 from kernels.backend import BACKENDS
 
+from .hub import check_state_dict, find_state_dict, read_checkpoint
+
 LN_EPS = 1e-6  # every LayerNorm of the model (SPEC.md, end of "One sampling unit")
 STD_EPS = 1e-7  # inside the stem's channel standardisation and the sampling-offset standardisation
 
@@ -474,33 +476,71 @@ VARIANTS: dict[str, dict] = {
 
 
 # ----------------------------------------------------------------------------- checkpoint conversion
-# Authors' v1 key layout: feat_extractor.conv1, token_roi.weight / token_embedding.weight (nn.Embedding;
-# initial_roi / initial_embedding in the public repo), layers.0 = focusing unit, layers.1 = transition
-# (absent when the two widths are equal), then the cortex blocks, head.{norm, classifier}; the mixing
-# projection is named `tuo_proj` in the released files (`out_proj` in the public repo).
-_WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
+# Two released layouts (docs/MODEL.md, "Checkpoint layouts"); the layout is detected from the keys.
+# v1 (release v1.0.0-imagenet, the authors' imagenet/ code): feat_extractor.conv1, token_roi.weight /
+# token_embedding.weight (nn.Embedding; initial_roi / initial_embedding in the public repo), layers.0 =
+# focusing unit, layers.1 = transition (absent when the two widths are equal), then the cortex blocks,
+# head.{norm, classifier}; the mixing projection is `tuo_proj` in the released files (`out_proj` in the repo).
+# v2 (release v2.0.0-refactor, the authors' library): v1 renamed per block (below) and at the top
+# (initial_roi, initial_embedding, norm, proj), mixing zero-padded to 32 output points below 32 points.
+RELEASES = "https://github.com/showlab/sparseformer/releases/download"
+# variant -> {release tag: URL}; `pretrained=True` takes the first: the library-layout file that the
+# authors' own create_model(download=True) fetches.
+RELEASED_WEIGHTS: dict[str, dict[str, str]] = {
+    f"sparseformer_{v}": {
+        "v2.0.0-refactor": f"{RELEASES}/v2.0.0-refactor/sparseformer_v1_{size}_converted.pth",
+        "v1.0.0-imagenet": f"{RELEASES}/v1.0.0-imagenet/sparseformer_{v}_imagenet1k.pth",
+    }
+    for v, size in (("t", "tiny"), ("s", "small"), ("b", "base"))
+}
+_V2_BLOCK = (("ln_attn.", "norm1."), ("attn.in_proj_weight", "attn.qkv.weight"), ("attn.in_proj_bias", "attn.qkv.bias"),
+             ("attn.out_proj.", "attn.proj."), ("ffn.0.", "norm2."), ("ffn.1.", "mlp.fc1."), ("ffn.3.", "mlp.fc2."),
+             ("adaptive_mixing.tuo_proj.", "adaptive_mixing.out_proj."))  # (v1, v2) after `layers.N.`
+_V2_TOP = (("token_roi.weight", "initial_roi.weight"), ("token_embedding.weight", "initial_embedding.weight"),
+           ("head.norm.", "norm."), ("head.classifier.", "proj."))  # (v1, v2)
 
 
-def _unwrap_state_dict(obj, use_ema: bool) -> tuple[dict, Optional[dict]]:
-    """Return (state_dict, authors' config if stored beside it) from a bare or wrapped checkpoint."""
-    config = None
-    if isinstance(obj, dict) and isinstance(obj.get("config"), dict):
-        config = obj["config"]
-    order = ("model_ema",) + _WRAPPER_KEYS if use_ema else _WRAPPER_KEYS
-    while isinstance(obj, dict):
-        inner = next((obj[k] for k in order if isinstance(obj.get(k), dict)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint must be a state dict (or a dict wrapping one), got {type(obj).__name__}")
-    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, Tensor)}
-    if not state:
-        raise ValueError(
-            f"no state dict found in checkpoint: keys are {sorted(obj)[:20]}; "
-            f"expected parameter tensors, bare or under one of {_WRAPPER_KEYS}"
-        )
-    return state, config
+def detect_layout(state: dict) -> str:
+    """"ours", "v1" or "v2" from the keys of a state dict."""
+    if "stem.conv1.weight" in state:
+        return "ours"
+    if "feat_extractor.conv1.weight" not in state:
+        raise ValueError(f"not a SparseFormer state dict: no stem weights (keys: {sorted(state)[:8]} ...)")
+    v2 = ("norm.weight" in state or "proj.weight" in state or any(k.endswith(".attn.qkv.weight") for k in state))
+    return "v2" if v2 else "v1"
+
+
+def _rename(key: str, pairs, src: int) -> str:
+    for pair in pairs:
+        if key.startswith(pair[src]):
+            return pair[1 - src] + key[len(pair[src]) :]
+    return key
+
+
+def v2_to_v1_state_dict(state: dict) -> dict:
+    """The authors' library layout -> their v1 layout: the renames undone, and the mixing's zero padding
+    to 32 output points (P < 32) sliced back to P (it must be exactly zero: P-point mixing cannot hold more)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("layers."):
+            _, index, rest = key.split(".", 2)
+            out[f"layers.{index}.{_rename(rest, _V2_BLOCK, 1)}"] = value
+        else:
+            out[_rename(key, _V2_TOP, 1)] = value
+    for prefix in sorted({k[: -len("roi_offset_bias")] for k in out if k.endswith(".roi_offset_bias")}):
+        mixing = prefix + "adaptive_mixing."
+        P, C = out[prefix + "roi_offset_bias"].numel() // 2, out[mixing + "m_beta"].numel()
+        keep = {mixing + "s_beta": (slice(P),), mixing + "parameter_generator.2.weight": (slice(C * C + P * P),),
+                mixing + "parameter_generator.2.bias": (slice(C * C + P * P),),
+                mixing + "tuo_proj.weight": (slice(None), slice(P * C))}
+        for key, index in keep.items():
+            full, kept = out[key], out[key][index]
+            if kept.shape != full.shape:
+                if full.count_nonzero() != kept.count_nonzero():
+                    raise ValueError(f"{key} {tuple(full.shape)}: mixing padded beyond {P} points with non-zero "
+                                     f"values; a {P}-point SparseFormer cannot hold it")
+                out[key] = kept
+    return out
 
 
 def _official_layout(state: dict) -> tuple[bool, int]:
@@ -539,7 +579,7 @@ def config_from_official(config: dict) -> dict:
 
 
 def infer_config(state: dict) -> dict:
-    """Our keyword arguments from the shapes of an authors' state dict (heads and focusing
+    """Our keyword arguments from the shapes of an authors' v1 state dict (heads and focusing
     repeats are not visible in shapes: the v1 values 64 and 4 are used)."""
     _, first = _official_layout(state)
     try:
@@ -584,27 +624,26 @@ def _official_to_ours_key(key: str, first_cortex: int) -> Optional[str]:
     return f"cortex.{index - first_cortex}.{rest}"
 
 
-def convert_official_state_dict(state: dict, model: "SparseFormer") -> dict:
-    """Authors' v1 state dict -> ours for `model`; raises listing every key it cannot place or misses."""
+def checkpoint_filter_fn(state: dict, model: Optional["SparseFormer"] = None) -> dict:
+    """Any of our three layouts (ours, the authors' v1, v2) -> ours, renamed only (no shape checks).
+    A key that has no place in ours keeps its name, so the check that follows lists it."""
+    layout = detect_layout(state)
+    if layout == "ours":
+        return dict(state)
+    state = v2_to_v1_state_dict(state) if layout == "v2" else state
     _, first = _official_layout(state)
-    ours = model.state_dict()
-    converted, unplaced, mismatched = {}, [], []
+    ours = model.state_dict() if model is not None else None
+    out = {}
     for key, value in state.items():
         new = _official_to_ours_key(key, first)
-        if new is None or new not in ours:
-            unplaced.append(key)
-        elif tuple(ours[new].shape) != tuple(value.shape):
-            mismatched.append(f"{key} {tuple(value.shape)} -> {new} {tuple(ours[new].shape)}")
-        else:
-            converted[new] = value
-    missing = sorted(set(ours) - set(converted))
-    if unplaced or mismatched or missing:
-        raise ValueError(
-            "official checkpoint does not match the model:\n"
-            + (f"  keys it cannot place: {unplaced}\n" if unplaced else "")
-            + (f"  shape mismatches: {mismatched}\n" if mismatched else "")
-            + (f"  model keys missing from the checkpoint: {missing}\n" if missing else "")
-        )
+        out[new if new is not None and (ours is None or new in ours) else key] = value
+    return out
+
+
+def convert_official_state_dict(state: dict, model: "SparseFormer") -> dict:
+    """Authors' v1 or v2 state dict -> ours for `model`; raises listing every key it cannot place or misses."""
+    converted = checkpoint_filter_fn(state, model)
+    check_state_dict(converted, model, "official checkpoint")
     return converted
 
 
@@ -633,7 +672,7 @@ def export_official_state_dict(model: "SparseFormer") -> dict:
 def load_official_checkpoint(
     path_or_state_dict, config=None, *, use_ema: bool = False, **overrides
 ) -> "SparseFormer":
-    """Our SparseFormer holding the authors' released v1 weights.
+    """Our SparseFormer holding the authors' released weights, v1 or v2 layout (detected).
 
     Args:
         path_or_state_dict: a checkpoint file, or a state dict; bare or wrapped under
@@ -646,14 +685,16 @@ def load_official_checkpoint(
     """
     obj = path_or_state_dict
     if not isinstance(obj, dict):
-        obj = torch.load(obj, map_location="cpu", weights_only=True)
-    state, stored_config = _unwrap_state_dict(obj, use_ema)
+        obj = read_checkpoint(obj)
+    state, stored_config = find_state_dict(obj, use_ema)
     config = stored_config if config is None else config
+    if isinstance(config, str) and config not in VARIANTS:
+        raise ValueError(f"unknown SparseFormer variant {config!r}; known: {sorted(VARIANTS)}")
+    if detect_layout(state) == "v2":
+        state = v2_to_v1_state_dict(state)
     if config is None:
         kwargs = infer_config(state)
     elif isinstance(config, str):
-        if config not in VARIANTS:
-            raise ValueError(f"unknown SparseFormer variant {config!r}; known: {sorted(VARIANTS)}")
         kwargs = {**VARIANTS[config], "drop_path_rate": 0.0}
     elif {"num_latent_tokens", "width_configurations", "block_sizes"} & set(config):
         kwargs = config_from_official(dict(config))
