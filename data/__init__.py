@@ -1,21 +1,41 @@
-"""Data: the embedded cluttered-MNIST default and ImageNet, as loaders of uint8 batches plus the
-device-side batch transforms that finish them (`build_data` is the way in)."""
+"""Data: datasets as plug-ins, and the samplers, loaders and device-side batch transforms they all
+share. `build_data(cfg.data, ...)` is the way in; `conf/data/<name>.yaml` picks the dataset.
+
+Adding a dataset is one module and one YAML, nothing else (no registry, no `if` anywhere):
+
+1. `data/<name>.py` holds a `data.base.DatasetBuilder` subclass: a dataclass whose fields (with
+   defaults) are the dataset's own config keys, and
+   - `check()`: raise ValueError naming the key (`data.base.expect` formats "data.<key>=<value>: why")
+     for a value that cannot work. It runs at start, before any process is launched, so it must be
+     cheap (look at paths, not at files);
+   - `build() -> Splits(train, val, spec)`: two `torch.utils.data.Dataset`s and an `InputSpec`
+     (num_classes, in_chans, image_size, and frames for clips), which says what the model must take:
+     train.py passes `spec.model_kwargs()` (num_classes, in_chans, num_frames for clips) to the model.
+   Items are read by key `(index, seed)`, as the samplers (data/samplers.py) yield them: the seed fixes
+   every random choice of that item (crop, flip, frame offset), so a resumed run replays its data and
+   the number of loader workers does not matter. An item is `(uint8 tensor, int label)`, images
+   (C, H, W), clips (C, T, H, W); an undecodable file returns None (log a warning naming it): the
+   loaders drop it and count it. Normalisation and batch augmentation run on the device
+   (`batch_transforms`, from the shared keys; a clip dataset overrides it).
+2. `conf/data/<name>.yaml` names the builder, `_target_: data.<name>.<Builder>`, and holds the shared
+   keys (`name`, `batch_size` per process, `eval_batch_size`, `num_workers`, `mean`, `std`, `augment`)
+   and the builder's own keys. A key the builder does not have is an error at start.
+
+Then `python train.py data=<name>` trains on it, and the config tests compose and check it.
+"""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .augment import BatchTransform, MixupCutmix, soft_target_cross_entropy
-from .cluttered_mnist import ClutteredMNIST
-from .imagenet import ImageNetFolder, collate_skip_none
+from .augment import BatchTransform, MixupCutmix
+from .base import COMMON_KEYS, DatasetBuilder, InputSpec, Splits, builder_from_config
 from .samplers import EvalSampler, TrainSampler, steps_per_epoch
 
-__all__ = ["Data", "build_data", "build_datasets", "BatchTransform", "MixupCutmix", "soft_target_cross_entropy", "ClutteredMNIST",
-           "ImageNetFolder", "TrainSampler", "EvalSampler", "imagenet_root"]
+__all__ = ["COMMON_KEYS", "Data", "DatasetBuilder", "InputSpec", "Splits", "build_data", "builder_from_config",
+           "collate_skip_none", "BatchTransform", "MixupCutmix", "TrainSampler", "EvalSampler"]
 
 
 @dataclass
@@ -27,57 +47,37 @@ class Data:
     train_sampler: TrainSampler
     train_transform: BatchTransform
     eval_transform: BatchTransform
-    num_classes: int
-    in_chans: int
+    spec: InputSpec
     steps_per_epoch: int
 
 
-def imagenet_root(cfg) -> Path:
-    """data.root, else $IMAGENET_ROOT; a clear error when neither names an existing folder."""
-    root = cfg.get("root") or os.environ.get("IMAGENET_ROOT")
-    if not root:
-        raise FileNotFoundError("data.root is not set: pass data.root=/path/to/imagenet or set IMAGENET_ROOT")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.root={root}: no such directory (expected {root}/train/<wnid>/*.JPEG "
-                                f"and {root}/val/<wnid>/*.JPEG)")
-    return root
-
-
-def build_datasets(cfg) -> tuple[Dataset, Dataset]:
-    if cfg.name == "cluttered_mnist":
-        common = dict(canvas_size=cfg.canvas_size, num_clutter=cfg.num_clutter, clutter_size=cfg.clutter_size,
-                      num_train_digits=cfg.num_train_digits)
-        return (ClutteredMNIST("train", length=cfg.train_samples_per_epoch, **common),
-                ClutteredMNIST("test", length=cfg.test_samples, **common))
-    if cfg.name == "imagenet":
-        root = imagenet_root(cfg)
-        train = ImageNetFolder(root, "train", cfg.image_size, train=True, scale=cfg.scale, ratio=cfg.ratio,
-                               hflip=cfg.hflip)
-        val = ImageNetFolder(root, "val", cfg.image_size, train=False, crop_pct=cfg.crop_pct)
-        if val.classes != train.classes:
-            raise ValueError(f"{root}: train and val hold different class folders")
-        return train, val
-    raise ValueError(f"data.name={cfg.name!r}: unknown dataset (known: cluttered_mnist, imagenet)")
+def collate_skip_none(batch):
+    """Stack (item, label) pairs, dropping the None of undecodable files.
+    Returns items (B, ...) uint8, labels (B,), and the number of skipped files."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return None, None, skipped
+    images = torch.stack([b[0] for b in good])
+    labels = torch.tensor([b[1] for b in good], dtype=torch.long)
+    return images, labels, skipped
 
 
 def build_data(cfg, world_size: int = 1, rank: int = 0, seed: int = 0, device=torch.device("cpu")) -> Data:
-    train_set, val_set = build_datasets(cfg)
-    aug = cfg.augment
-    train_sampler = TrainSampler(len(train_set), world_size, rank, seed, repeats=aug.repeats)
-    val_sampler = EvalSampler(len(val_set), world_size, rank, seed)
+    """The dataset `cfg._target_` names, sharded over `world_size` ranks, as loaders of uint8 batches
+    plus the device-side transforms that finish them."""
+    builder = builder_from_config(cfg)
+    splits = builder.build()
+    train_sampler = TrainSampler(len(splits.train), world_size, rank, seed, repeats=cfg.augment.repeats)
+    val_sampler = EvalSampler(len(splits.val), world_size, rank, seed)
     loader_kw = dict(num_workers=cfg.num_workers, collate_fn=collate_skip_none, pin_memory=device.type == "cuda",
                      persistent_workers=cfg.num_workers > 0)
     # the loaders draw worker seeds from their own generator: the global RNG (saved in
     # checkpoints for resume) must not depend on when an iterator is created
-    train_loader = DataLoader(train_set, cfg.batch_size, sampler=train_sampler, drop_last=True,
+    train_loader = DataLoader(splits.train, cfg.batch_size, sampler=train_sampler, drop_last=True,
                               generator=torch.Generator(), **loader_kw)
-    val_loader = DataLoader(val_set, cfg.eval_batch_size, sampler=val_sampler, generator=torch.Generator(),
+    val_loader = DataLoader(splits.val, cfg.eval_batch_size, sampler=val_sampler, generator=torch.Generator(),
                             **loader_kw)
-    num_classes = train_set.num_classes
-    mixup = dict(aug.mixup) if aug.get("mixup") else None
-    train_tf = BatchTransform(cfg.mean, cfg.std, num_classes, train=True, randaugment=aug.get("randaugment"),
-                              random_erasing=aug.random_erasing, mixup=mixup, label_smoothing=aug.label_smoothing)
-    eval_tf = BatchTransform(cfg.mean, cfg.std, num_classes, train=False)
-    return Data(train_set, val_set, train_loader, val_loader, train_sampler, train_tf.to(device), eval_tf.to(device),
-                num_classes, train_set.in_chans, steps_per_epoch(train_sampler, cfg.batch_size))
+    train_tf, eval_tf = builder.batch_transforms(cfg, splits.spec)
+    return Data(splits.train, splits.val, train_loader, val_loader, train_sampler, train_tf.to(device),
+                eval_tf.to(device), splits.spec, steps_per_epoch(train_sampler, cfg.batch_size))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def smooth_one_hot(y: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -84,7 +83,3 @@ class BatchTransform(nn.Module):
             return x, y
         return self.mix(x, y)
 
-
-def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of -Σ_k target_k log softmax(logits)_k; logits (B, K), target (B, K)."""
-    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()

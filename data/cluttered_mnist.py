@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import functools
 import gzip
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .base import DatasetBuilder, InputSpec, Splits, expect, is_int
 
 DIGIT = 28
 
@@ -83,7 +86,7 @@ class ClutteredMNIST(Dataset):
         u = np.random.default_rng(seed).random((self.num_clutter + 1, 5))
         s, c, n = self.canvas_size, self.clutter_size, len(self.images)
         canvas = np.zeros((s, s), np.int32)
-        for (a, b, cc, d, e) in u[:-1]:
+        for a, b, cc, d, e in u[:-1]:
             j = int(a * (n - 1))
             j += j >= digit  # another digit of the split, never the target itself
             y0, x0 = int(b * (DIGIT - c + 1)), int(cc * (DIGIT - c + 1))
@@ -93,3 +96,36 @@ class ClutteredMNIST(Dataset):
         canvas[y:y + DIGIT, x:x + DIGIT] += self.images[digit]
         canvas = np.minimum(canvas, 255).astype(np.uint8)
         return torch.from_numpy(canvas)[None], int(self.labels[digit])
+
+
+@dataclass
+class ClutteredMNISTBuilder(DatasetBuilder):
+    """conf/data/cluttered_mnist.yaml: training canvases drawn anew every epoch from `num_train_digits`
+    digits, a fixed canvas per test digit (the other 5,000 - num_train_digits)."""
+
+    canvas_size: int = 100
+    num_clutter: int = 8
+    clutter_size: int = 8
+    num_train_digits: int = 4000
+    train_samples_per_epoch: int = 8000
+    test_samples: int = 1000
+
+    def check(self) -> None:
+        expect(is_int(self.canvas_size) and self.canvas_size >= DIGIT, "canvas_size", self.canvas_size,
+               f"the canvas must hold a {DIGIT}x{DIGIT} digit")
+        expect(is_int(self.num_clutter) and self.num_clutter >= 0, "num_clutter", self.num_clutter,
+               "must be an integer >= 0")
+        expect(is_int(self.clutter_size) and 0 < self.clutter_size <= DIGIT, "clutter_size", self.clutter_size,
+               f"must be an integer in [1, {DIGIT}]")
+        expect(is_int(self.num_train_digits) and 0 < self.num_train_digits < 5000, "num_train_digits",
+               self.num_train_digits, "must lie in [1, 4999] (the other digits of the 5,000 are the test set)")
+        for key in ("train_samples_per_epoch", "test_samples"):
+            value = getattr(self, key)
+            expect(is_int(value) and value > 0, key, value, "must be a positive integer")
+
+    def build(self) -> Splits:
+        common = dict(canvas_size=self.canvas_size, num_clutter=self.num_clutter, clutter_size=self.clutter_size,
+                      num_train_digits=self.num_train_digits)
+        return Splits(ClutteredMNIST("train", length=self.train_samples_per_epoch, **common),
+                      ClutteredMNIST("test", length=self.test_samples, **common),
+                      InputSpec(ClutteredMNIST.num_classes, ClutteredMNIST.in_chans, self.canvas_size))

@@ -7,12 +7,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from .base import DatasetBuilder, InputSpec, Splits, expect, is_int, is_num
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +106,45 @@ class ImageNetFolder(Dataset):
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), label
 
 
-def collate_skip_none(batch):
-    """Stack (image, label) pairs, dropping the None of undecodable files.
-    Returns images (B, C, H, W) uint8, labels (B,), and the number of skipped files."""
-    good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good)
-    if not good:
-        return None, None, skipped
-    images = torch.stack([b[0] for b in good])
-    labels = torch.tensor([b[1] for b in good], dtype=torch.long)
-    return images, labels, skipped
+
+@dataclass
+class ImageNetBuilder(DatasetBuilder):
+    """conf/data/imagenet.yaml: root/{train,val}/<class>/*.JPEG (root from data.root or $IMAGENET_ROOT);
+    RandomResizedCrop + flip for training, resize + centre-crop for evaluation."""
+
+    root: str | None = None
+    image_size: int = 224
+    crop_pct: float = 0.875
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+
+    def resolved_root(self) -> Path:
+        root = self.root or os.environ.get("IMAGENET_ROOT")
+        if not root:
+            raise ValueError("data.root=None: ImageNet needs a folder; pass data.root=/path/to/imagenet "
+                             "or set the IMAGENET_ROOT environment variable")
+        return Path(root).expanduser()
+
+    def check(self) -> None:
+        root = self.resolved_root()
+        for split in ("train", "val"):
+            expect((root / split).is_dir(), "root", str(root), f"{root / split} does not exist "
+                   "(expected root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG)")
+        expect(is_int(self.image_size) and self.image_size >= 32, "image_size", self.image_size,
+               "must be an integer >= 32")
+        expect(is_num(self.crop_pct) and 0 < self.crop_pct <= 1, "crop_pct", self.crop_pct, "must lie in (0, 1]")
+        expect(is_num(self.hflip) and 0 <= self.hflip <= 1, "hflip", self.hflip, "is a probability, in [0, 1]")
+        for key in ("scale", "ratio"):
+            lo_hi = getattr(self, key)
+            expect(len(lo_hi) == 2 and all(is_num(v) for v in lo_hi) and 0 < lo_hi[0] <= lo_hi[1], key, lo_hi,
+                   "must be [low, high] with 0 < low <= high")
+
+    def build(self) -> Splits:
+        root = self.resolved_root()
+        train = ImageNetFolder(root, "train", self.image_size, train=True, scale=self.scale, ratio=self.ratio,
+                               hflip=self.hflip)
+        val = ImageNetFolder(root, "val", self.image_size, train=False, crop_pct=self.crop_pct)
+        if val.classes != train.classes:
+            raise ValueError(f"{root}: train and val hold different class folders")
+        return Splits(train, val, InputSpec(train.num_classes, ImageNetFolder.in_chans, self.image_size))

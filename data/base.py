@@ -1,0 +1,110 @@
+"""The dataset plug-in protocol (see the package docstring): a `DatasetBuilder` per dataset, the
+`InputSpec` it reports to the model, and `builder_from_config`, which turns a `conf/data/*.yaml` node
+into its builder, checking every key the builder owns."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
+
+# Keys every data config has, read by the shared loaders and batch transforms (data/__init__.py),
+# not by the builder: everything else in the YAML is the builder's own.
+COMMON_KEYS = ("_target_", "name", "batch_size", "eval_batch_size", "num_workers", "mean", "std", "augment")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model must take from a dataset: classes, input channels, the side of the square
+    images (or frames) the loaders yield, and for clips the frames per clip (None for images)."""
+
+    num_classes: int
+    in_chans: int
+    image_size: int
+    frames: int | None = None
+
+    def model_kwargs(self) -> dict:
+        """The model constructor keys this dataset decides (a clip dataset adds num_frames)."""
+        kwargs = {"num_classes": self.num_classes, "in_chans": self.in_chans}
+        if self.frames is not None:
+            kwargs["num_frames"] = self.frames
+        return kwargs
+
+
+@dataclass
+class Splits:
+    """A dataset's train and evaluation sets, and what the model must take from them."""
+
+    train: Dataset
+    val: Dataset
+    spec: InputSpec
+
+
+def expect(ok: bool, key: str, value, why: str) -> None:
+    """A builder's key check: raise ValueError("data.<key>=<value>: <why>") unless `ok`."""
+    if not ok:
+        raise ValueError(f"data.{key}={value!r}: {why}")
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class DatasetBuilder:
+    """Base of a dataset plug-in. A subclass is a dataclass whose fields (with defaults) are its own
+    keys of `conf/data/<name>.yaml`; `check` validates them without touching the data, `build`
+    makes the splits."""
+
+    def check(self) -> None:
+        """Raise ValueError naming `data.<key>` for a value that cannot work. Runs at start (config
+        validation, before any process is launched), so it must be cheap: no decoding, no scans."""
+
+    def build(self) -> Splits:
+        raise NotImplementedError(f"{type(self).__name__}.build")
+
+    def batch_transforms(self, cfg, spec: InputSpec) -> tuple[nn.Module, nn.Module]:
+        """(train, eval) device-side transforms of the loaders' uint8 batches, from the common keys
+        (mean, std, augment). The default handles images (B, C, H, W); a clip dataset overrides it."""
+        from .augment import BatchTransform
+
+        aug = cfg.augment
+        mixup = dict(aug.mixup) if aug.get("mixup") else None
+        train = BatchTransform(cfg.mean, cfg.std, spec.num_classes, train=True, randaugment=aug.get("randaugment"),
+                               random_erasing=aug.random_erasing, mixup=mixup, label_smoothing=aug.label_smoothing)
+        return train, BatchTransform(cfg.mean, cfg.std, spec.num_classes, train=False)
+
+
+def builder_from_config(cfg) -> DatasetBuilder:
+    """The builder that `cfg._target_` names, made from the config's own keys and checked.
+
+    Raises ValueError naming the key: a missing or unknown `_target_`, a key the builder does not
+    have (with the keys it has), or a value its `check` rejects."""
+    target = cfg.get("_target_")
+    if not isinstance(target, str) or "." not in target:
+        raise ValueError(f"data._target_={target!r}: must name the dataset's builder class, e.g. "
+                         "data.imagenet.ImageNetBuilder (conf/data/*.yaml)")
+    module_name, _, class_name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"data._target_={target!r}: cannot import it ({e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, DatasetBuilder)):
+        raise ValueError(f"data._target_={target!r}: not a data.base.DatasetBuilder subclass")
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    own = {k: v for k, v in plain.items() if k not in COMMON_KEYS}
+    accepted = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(own) - accepted)
+    if unknown:
+        raise ValueError(f"data.{unknown[0]}: not a key of {class_name} (its keys: {', '.join(sorted(accepted))}; "
+                         f"shared keys: {', '.join(COMMON_KEYS[1:])})")
+    builder = cls(**own)
+    builder.check()
+    return builder
