@@ -1,13 +1,14 @@
-"""Train (or evaluate) a SparseFormer. Reads top-down: config -> processes -> data -> model ->
-optimizer -> resume -> loop (step, log, checkpoint, evaluate) -> finish.
+"""Train (or evaluate) a model. Reads top-down: the loss and evaluation, then `train()` =
+setup -> train_one_epoch -> evaluate -> finish, then the process launcher and `main`.
 
     python train.py                                    # SparseFormer-nano on cluttered MNIST, CPU
                                                        # (2 single-threaded DDP ranks: hardware.processes=2)
     python train.py model=sparseformer_s data=imagenet data.root=/data/imagenet hardware=gpu
     python train.py experiment=sparseformer_t_imagenet # the paper's recipe (300 epochs)
     torchrun --nproc_per_node=8 train.py experiment=sparseformer_s_imagenet
+    python train.py model=sparseformer_t model.pretrained=true data=...   # fine-tune the released weights
     python train.py run_dir=outputs/<old run> trainer.resume=auto      # continue a killed run
-    python train.py trainer.eval_only=true trainer.checkpoint=<ours or the authors' .pth> ...
+    python train.py trainer.eval_only=true model=sparseformer_t model.pretrained=<true|file> data=imagenet ...
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # Before torch loads OpenMP: idle workers sleep instead of spinning, which on a small shared CPU
@@ -29,20 +31,23 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as torch_dist
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
+import torch.distributed as torch_dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-from data import build_data, soft_target_cross_entropy
-from model import count_flops, load_official_checkpoint
-from training import checkpoint as ckpt
-from training import dist
-from training.config import ConfigError, register_resolvers, resolve_hardware, validate
-from training.logger import Logger
-from training.optim import EMA, build_optimizer, lr_at
-from training.visualize import draw_sampling, figure_to_array
+from data import Data, build_data  # noqa: E402
+from model import count_flops  # noqa: E402
+from training import checkpoint as ckpt  # noqa: E402
+from training import dist  # noqa: E402
+from training.checkpoint import TrainState  # noqa: E402
+from training.config import ConfigError, register_resolvers, resolve_hardware, validate  # noqa: E402
+from training.logger import Logger  # noqa: E402
+from training.optim import EMA, build_optimizer, lr_at  # noqa: E402
+from training.visualize import draw_sampling, figure_to_array  # noqa: E402
 
 register_resolvers()  # hydra.run.dir uses it, so before @hydra.main runs
 log = logging.getLogger("train")
@@ -52,6 +57,12 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -Σ_k target_k log softmax(logits)_k; logits (B, K), target (B, K) (the
+    Mixup / CutMix / label-smoothing targets of data.augment)."""
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 @torch.no_grad()
@@ -109,30 +120,280 @@ def replica_max_abs_diff(model, info) -> float:
     return diff.item()
 
 
-def load_weights(model, path: str, fmt: str, overrides: dict):
-    """(model, EMA state or None) from our checkpoint (weights into `model`), or the authors'
-    released file (any wrapper): then a SparseFormer built for those weights, via the model's
-    converter, with `overrides` (e.g. backend) applied."""
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    ours = isinstance(obj, dict) and {"model", "step", "config"} <= set(obj)
-    if fmt == "ours" or (fmt == "auto" and ours):
-        model.load_state_dict(obj["model"])
-        return model, obj.get("ema")
-    return load_official_checkpoint(obj, **overrides), None
+@dataclass
+class Run:
+    """What one run holds, handed explicitly to each phase (no closures over changing locals)."""
+
+    cfg: DictConfig
+    run_dir: Path
+    info: dist.DistInfo
+    precision: str
+    data: Data
+    state: TrainState  # model, EMA, optimizer, scaler, schedule, step, sampler position
+    ddp_model: nn.Module
+    logger: Logger
+    roi_images: torch.Tensor | None
+    start_time: float
+    train_skipped: int = 0
+    result: dict | None = None
+
+    @property
+    def max_steps(self) -> int:
+        total = self.state.schedule["total_steps"]
+        return min(self.cfg.trainer.max_steps or total, total)
+
+    @property
+    def finished(self) -> bool:
+        return self.state.step >= self.max_steps or self.state.epoch >= self.cfg.trainer.epochs
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / ckpt.LAST
 
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    try:
-        validate(cfg)
-    except ConfigError as e:  # one line that names the key and the reason, no traceback
-        raise SystemExit(f"config error: {e}") from None
-    run_dir = HydraConfig.get().runtime.output_dir
-    if launches_processes(cfg):
-        return launch_local_processes(cfg, run_dir, HydraConfig.get().overrides.task)
-    return train(cfg, run_dir)
+def train(cfg: DictConfig, run_dir: str | Path) -> float:
+    """The whole run; returns the final val top-1 (%). Tests call it with a composed config."""
+    run = setup(cfg, run_dir)
+    tr = cfg.trainer
+    while not tr.eval_only and not run.finished:
+        end_of_epoch = train_one_epoch(run)
+        if run.finished or (end_of_epoch and run.state.epoch % tr.eval_every_epochs == 0):
+            run.result = evaluate_and_log(run)
+    return finish(run)
 
 
+# ---------------------------------------------------------------------------------------------- setup
+def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
+    """Config checks, processes, data, model, optimizer, the resumed state (if any) and logging."""
+    start_time = time.perf_counter()
+    validate(cfg)
+    device, precision, backend = resolve_hardware(cfg.hardware)
+    info = dist.setup(device, backend)
+    if not info.is_main:  # rank 0 reports; the other ranks only warn (e.g. an undecodable file in their share)
+        logging.getLogger().setLevel(logging.WARNING)
+    if cfg.hardware.num_threads:
+        torch.set_num_threads(cfg.hardware.num_threads)
+    run_dir = Path(dist.broadcast_object(str(run_dir), info))  # rank 0's folder for all ranks
+
+    data = build_data(cfg.data, info.world_size, info.rank, cfg.seed, info.device)
+    with open_dict(cfg):  # the dataset decides these; the logged config must say what was built
+        cfg.model.update(data.spec.model_kwargs())
+    if info.is_main:
+        log.info("run dir %s, world size %d, device %s\n%s", run_dir, info.world_size, info.device,
+                 OmegaConf.to_yaml(cfg))
+    model = build_model(cfg, info)
+    flops = count_flops(model, data.spec.image_size, in_chans=data.spec.in_chans)  # before any RNG is set or restored
+    state = build_state(cfg, model, data, info, precision)
+    resume(state, cfg, run_dir, info)
+    # DDP: gradients are averaged over ranks in backward; everything else is per-rank code
+    ddp_model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
+        if info.enabled else model
+    logger = Logger(cfg, run_dir, info.is_main, run_id=state.wandb_id)
+    state.wandb_id = logger.run_id or state.wandb_id
+    log_run_summary(cfg, state, data, info, logger, flops)
+    return Run(cfg, run_dir, info, precision, data, state, ddp_model, logger, pick_roi_images(cfg, data, model, info),
+               start_time)
+
+
+def build_model(cfg: DictConfig, info: dist.DistInfo) -> nn.Module:
+    """The configured model, with the same initial weights on every rank. With `model.pretrained`,
+    each machine's local rank 0 fetches the weights first (a download lands in the hub cache once)."""
+    fetch_first = bool(cfg.model.get("pretrained")) and info.enabled
+    if fetch_first and info.local_rank != 0:
+        dist.barrier(info)
+    torch.manual_seed(cfg.seed)
+    model = hydra.utils.instantiate(cfg.model)
+    if fetch_first and info.local_rank == 0:
+        dist.barrier(info)
+    return model.to(info.device)
+
+
+def lr_schedule(cfg: DictConfig, steps_per_epoch: int, world_size: int) -> dict:
+    """training.optim.lr_at's parameters: the lr scales with the global batch unless optim.lr is set."""
+    global_batch = cfg.data.batch_size * world_size
+    base_lr = cfg.optim.lr or cfg.optim.base_lr * global_batch / cfg.optim.base_batch_size
+    return dict(base_lr=base_lr, total_steps=cfg.trainer.epochs * steps_per_epoch, warmup_lr=cfg.schedule.warmup_lr,
+                warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch), min_lr=cfg.schedule.min_lr)
+
+
+def build_state(cfg: DictConfig, model: nn.Module, data: Data, info: dist.DistInfo, precision: str) -> TrainState:
+    schedule = lr_schedule(cfg, data.steps_per_epoch, info.world_size)
+    return TrainState(
+        model=model, ema=EMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None,
+        optimizer=build_optimizer(model, cfg.optim, schedule["base_lr"]),
+        scaler=torch.amp.GradScaler(info.device.type, enabled=precision == "fp16"), schedule=schedule,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def resume(state: TrainState, cfg: DictConfig, run_dir: Path, info: dist.DistInfo) -> None:
+    """Seed the per-rank RNGs, then restore `trainer.resume` (auto = this run dir's last checkpoint)."""
+    torch.manual_seed(cfg.seed + info.rank)  # augmentation / drop path draws differ per rank
+    np.random.seed((cfg.seed + info.rank) % 2**32)
+    random.seed(cfg.seed + info.rank)
+    tr = cfg.trainer
+    path = ckpt.find_last(run_dir) if tr.resume == "auto" else (Path(tr.resume) if tr.resume else None)
+    if path is None:
+        if tr.resume == "auto" and info.is_main:
+            log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", run_dir / "checkpoints")
+        return
+    schedule = state.schedule
+    state.restore(path, info)
+    if state.schedule != schedule and info.is_main:
+        log.warning("the config's lr schedule %s differs from the checkpoint's %s: following the config",
+                    schedule, state.schedule)
+    state.schedule = schedule
+    if info.is_main:
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batch_in_epoch)
+
+
+def log_run_summary(cfg: DictConfig, state: TrainState, data: Data, info: dist.DistInfo, logger: Logger,
+                    flops: dict) -> None:
+    """Parameters, MACs, batch and lr into W&B's summary, and what the run will do into the log."""
+    spec, schedule = data.spec, state.schedule
+    num_params = sum(p.numel() for p in state.model.parameters())
+    global_batch = cfg.data.batch_size * info.world_size
+    logger.summary({"params": num_params, "gmacs": flops["macs"] / 1e9,
+                    "gmacs_without_mixing": flops["macs_without_mixing"] / 1e9, "image_size": spec.image_size,
+                    "global_batch_size": global_batch, "base_lr": schedule["base_lr"], "world_size": info.world_size})
+    if info.is_main:
+        log.info("%s: %.2fM params, %.3f GMACs (%.3f without the mixing bmm) at %d px; global batch %d, lr %.2e",
+                 cfg.model.name, num_params / 1e6, flops["macs"] / 1e9, flops["macs_without_mixing"] / 1e9,
+                 spec.image_size, global_batch, schedule["base_lr"])
+        if not cfg.trainer.eval_only:  # what the run will do, before it does it
+            log.info("schedule: %d epochs of %d steps on %s (%d steps, %d of warm-up), lr %.2e -> %.1e; "
+                     "change with trainer.epochs=N", cfg.trainer.epochs, data.steps_per_epoch, cfg.data.name,
+                     schedule["total_steps"], schedule["warmup_steps"], schedule["base_lr"], schedule["min_lr"])
+
+
+def pick_roi_images(cfg: DictConfig, data: Data, model: nn.Module, info: dist.DistInfo) -> torch.Tensor | None:
+    """A few fixed validation images for the RoI figure (SparseFormer only; rank 0)."""
+    if not (hasattr(model, "sampling_grad_scale") and cfg.logger.num_roi_images and info.is_main):
+        return None
+    k = min(cfg.logger.num_roi_images, len(data.val_set))
+    items = (data.val_set[key] for key in data.val_loader.sampler)
+    decodable = (it for it in items if it is not None)
+    return torch.stack([it[0] for it, _ in zip(decodable, range(k))]).to(info.device)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One optimizer step on a uint8 batch; returns (the detached loss, the lr it used)."""
+    state, model = run.state, run.state.model
+    lr = lr_at(state.step, **state.schedule)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    device = run.info.device
+    x, target = run.data.train_transform(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+    if hasattr(model, "sampling_grad_scale"):  # the sampling-gradient clamp follows the loss scale (MODEL.md step 4)
+        model.sampling_grad_scale = state.scaler.get_scale() if state.scaler.is_enabled() else 1.0
+    with autocast(device, run.precision):
+        logits = run.ddp_model(x)
+    loss = soft_target_cross_entropy(logits, target)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if run.cfg.optim.clip_grad:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.optim.clip_grad)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    if state.ema is not None:
+        state.ema.update(model)
+    state.step += 1
+    return loss.detach(), lr
+
+
+def train_one_epoch(run: Run) -> bool:
+    """Train from the sampler position to the end of the epoch (or max_steps), logging every
+    log_every_steps and checkpointing every ckpt_every_steps and at the end. Returns whether the
+    epoch is complete."""
+    cfg, state, data, info = run.cfg, run.state, run.data, run.info
+    data.train_sampler.set_epoch(state.epoch, start=state.batch_in_epoch * cfg.data.batch_size)
+    bar = tqdm(total=data.steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch}",
+               disable=not info.is_main, mininterval=2.0, dynamic_ncols=True)
+    # loss sum, steps, images since the last log line, kept on the device: no host sync per step
+    window, t0 = torch.zeros(3, dtype=torch.float64, device=info.device), time.perf_counter()
+    for x, y, skipped in data.train_loader:
+        state.batch_in_epoch += 1
+        run.train_skipped += skipped
+        bar.update(1)
+        if x is None:  # every file of the batch was undecodable
+            continue
+        loss, lr = train_step(run, x, y)
+        window[0] += loss
+        window[1] += 1
+        window[2] += len(x)
+        if state.step % cfg.logger.log_every_steps == 0 or state.step == run.max_steps:
+            loss_sum, n_steps, n_images = dist.all_reduce_sum(window, info).tolist()
+            img_s, mean_loss = n_images / (time.perf_counter() - t0), loss_sum / n_steps
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"training loss is {mean_loss} at step {state.step}")
+            run.logger.log({"train/loss": mean_loss, "train/lr": lr, "train/img_s": img_s,
+                            "train/epoch": state.step / data.steps_per_epoch,
+                            "train/skipped_files": run.train_skipped}, state.step)
+            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
+            window, t0 = torch.zeros_like(window), time.perf_counter()
+        if cfg.trainer.ckpt_every_steps and state.step % cfg.trainer.ckpt_every_steps == 0:
+            state.save(run.checkpoint_path, info)
+        if state.step >= run.max_steps:
+            break
+    bar.close()
+    end_of_epoch = state.batch_in_epoch >= data.steps_per_epoch
+    if end_of_epoch:
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    state.save(run.checkpoint_path, info)
+    return end_of_epoch
+
+
+# ---------------------------------------------------------------------------------------------- evaluate, finish
+def evaluate_and_log(run: Run) -> dict:
+    """Raw and EMA weights on the whole evaluation set, logged (and the RoI figure)."""
+    state, data, info = run.state, run.data, run.info
+    res = evaluate(run.ddp_model, data.val_loader, data.eval_transform, info, run.precision)
+    res_ema = evaluate(state.ema.module, data.val_loader, data.eval_transform, info, run.precision) \
+        if state.ema else None
+    metrics = {"val/top1": res["top1"], "val/top5": res["top5"], "val/images": res["n"],
+               "val/skipped_files": res["skipped"], "epoch": state.epoch}
+    if res_ema:
+        metrics.update({"val_ema/top1": res_ema["top1"], "val_ema/top5": res_ema["top5"]})
+    run.logger.log(metrics, state.step)
+    run.logger.log_accuracy_vs_throughput(res["img_s"], res["top1"], res_ema and res_ema["top1"], state.step)
+    if run.roi_images is not None:
+        figure = roi_figure(state.model, run.roi_images, data.eval_transform, run.precision, run.cfg.data)
+        run.logger.log_image("val/rois", figure, f"tokens' RoIs and sampling points per sampling step, "
+                             f"step {state.step}", state.step)
+    if info.is_main:
+        ema_txt = f", EMA top-1 {res_ema['top1']:.2f} top-5 {res_ema['top5']:.2f}" if res_ema else ""
+        log.info("step %d epoch %d: val top-1 %.2f top-5 %.2f on %d images (%.0f img/s)%s%s", state.step, state.epoch,
+                 res["top1"], res["top5"], res["n"], res["img_s"], ema_txt,
+                 f"; {res['skipped']} undecodable files skipped" if res["skipped"] else "")
+    return {"top1": res["top1"], "top1_ema": res_ema and res_ema["top1"]}
+
+
+def finish(run: Run) -> float:
+    """The final evaluation (if the loop did not end with one), DDP replica check, W&B summary and
+    result.json (rank 0: the final numbers and the wall time since setup started)."""
+    state, info, logger = run.state, run.info, run.logger
+    result = run.result or evaluate_and_log(run)  # eval-only, or resumed a finished run
+    if run.train_skipped and info.is_main:
+        log.warning("%d undecodable training files were skipped", run.train_skipped)
+    if info.enabled:
+        diff = replica_max_abs_diff(state.model, info)
+        logger.summary({"ddp/replica_max_abs_diff": diff})
+        if info.is_main:
+            log.info("DDP replicas after training: max |w_rank - w_rank0| = %g", diff)
+    logger.summary({"final/top1": result["top1"], "final/top1_ema": result["top1_ema"], "final/step": state.step,
+                    "train/skipped_files_total": run.train_skipped})
+    if info.is_main:
+        out = {**result, "step": state.step, "wall_s": round(time.perf_counter() - run.start_time, 1),
+               "world_size": info.world_size}
+        ckpt.save_atomic(out, run.run_dir / "result.json", save=lambda o, p: p.write_text(json.dumps(o, indent=1)))
+    logger.finish()
+    dist.teardown(info)
+    return result["top1"]
+
+
+# ---------------------------------------------------------------------------------------------- processes, CLI
 def launches_processes(cfg: DictConfig) -> bool:
     """hardware.processes > 1 in a plain `python train.py` (not already under torchrun or a Slurm job
     of several tasks, which start their own processes)."""
@@ -162,211 +423,16 @@ def launch_local_processes(cfg: DictConfig, run_dir: str, overrides: list[str]) 
     return json.loads(result.read_text())["top1"] if result.is_file() else None
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> float:
-    """The whole run; returns the final val top-1 (%). Tests call it with a composed config."""
-    # ------------------------------------------------------------------ config and processes
-    start_time = time.perf_counter()
-    validate(cfg)
-    device, precision, backend = resolve_hardware(cfg.hardware)
-    info = dist.setup(device, backend)
-    if not info.is_main:  # rank 0 reports; the other ranks only warn (e.g. an undecodable file in their share)
-        logging.getLogger().setLevel(logging.WARNING)
-    if cfg.hardware.num_threads:
-        torch.set_num_threads(cfg.hardware.num_threads)
-    run_dir = Path(dist.broadcast_object(str(run_dir), info))  # rank 0's folder for all ranks
-    device, tr = info.device, cfg.trainer
-
-    # ------------------------------------------------------------------ data
-    data = build_data(cfg.data, info.world_size, info.rank, cfg.seed, device)
-    image_size = cfg.data.get("image_size") or cfg.data.get("canvas_size")
-    with open_dict(cfg):  # the dataset decides these; the logged config must say what was built
-        cfg.model.num_classes, cfg.model.in_chans = data.num_classes, data.in_chans
-    if info.is_main:
-        log.info("run dir %s, world size %d, device %s\n%s", run_dir, info.world_size, info.device,
-                 OmegaConf.to_yaml(cfg))
-
-    # ------------------------------------------------------------------ model
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = hydra.utils.instantiate(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans)
-    ema_state = None
-    if tr.checkpoint:
-        overrides = {k: cfg.model[k] for k in ("backend", "drop_path_rate") if k in cfg.model}
-        model, ema_state = load_weights(model, tr.checkpoint, tr.checkpoint_format, overrides)
-    num_params = sum(p.numel() for p in model.parameters())
-    flops = count_flops(model, image_size, in_chans=data.in_chans)
-    model.to(device)
-    ema = EMA(model, tr.ema_decay) if tr.ema_decay else None
-    if ema is not None and ema_state is not None:
-        ema.load_state_dict(ema_state)
-    # DDP: gradients are averaged over ranks in backward; everything else is per-rank code
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if info.enabled else model
-
-    # ------------------------------------------------------------------ optimizer, schedule, AMP
-    global_batch = cfg.data.batch_size * info.world_size
-    base_lr = cfg.optim.lr or cfg.optim.base_lr * global_batch / cfg.optim.base_batch_size
-    optimizer = build_optimizer(model, cfg.optim, base_lr)
-    total_steps = cfg.trainer.epochs * data.steps_per_epoch
-    schedule = dict(base_lr=base_lr, total_steps=total_steps, warmup_lr=cfg.schedule.warmup_lr,
-                    warmup_steps=round(cfg.schedule.warmup_epochs * data.steps_per_epoch), min_lr=cfg.schedule.min_lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    has_sampling = hasattr(model, "sampling_grad_scale")  # SparseFormer, not DeiT
-
-    # ------------------------------------------------------------------ resume
-    step, epoch, batch_in_epoch, run_id = 0, 0, 0, None
-    torch.manual_seed(cfg.seed + info.rank)  # augmentation / drop path draws differ per rank
-    np.random.seed((cfg.seed + info.rank) % 2**32)
-    random.seed(cfg.seed + info.rank)
-    resume = ckpt.find_last(run_dir) if tr.resume == "auto" else (Path(tr.resume) if tr.resume else None)
-    if tr.resume == "auto" and resume is None and info.is_main:
-        log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", run_dir / "checkpoints")
-    if resume is not None:
-        state = ckpt.load(resume)
-        model.load_state_dict(state["model"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, batch_in_epoch, run_id = state["step"], state["epoch"], state["batch_in_epoch"], state["wandb_id"]
-        rng = state["rng"]
-        ckpt.set_rng_state(rng[info.rank] if info.rank < len(rng) else rng[0])
-        if info.is_main:
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, step, epoch, batch_in_epoch)
-
-    def save_checkpoint(epoch_: int, batch_: int) -> None:
-        rng_states = [None] * info.world_size
-        if info.enabled:
-            torch_dist.all_gather_object(rng_states, ckpt.rng_state())
-        else:
-            rng_states = [ckpt.rng_state()]
-        if info.is_main:
-            ckpt.save_atomic({
-                "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "epoch": epoch_, "batch_in_epoch": batch_, "rng": rng_states, "wandb_id": logger.run_id,
-                "config": OmegaConf.to_container(cfg, resolve=True),
-            }, run_dir / "checkpoints" / ckpt.LAST)
-        dist.barrier(info)
-
-    # ------------------------------------------------------------------ logging
-    logger = Logger(cfg, run_dir, info.is_main, run_id=run_id)
-    logger.summary({"params": num_params, "gmacs": flops["macs"] / 1e9,
-                    "gmacs_without_mixing": flops["macs_without_mixing"] / 1e9, "image_size": image_size,
-                    "global_batch_size": global_batch, "base_lr": base_lr, "world_size": info.world_size})
-    if info.is_main:
-        log.info("%s: %.2fM params, %.3f GMACs (%.3f without the mixing bmm) at %d px; global batch %d, lr %.2e",
-                 cfg.model.name, num_params / 1e6, flops["macs"] / 1e9, flops["macs_without_mixing"] / 1e9,
-                 image_size, global_batch, base_lr)
-    roi_images = None
-    if has_sampling and cfg.logger.num_roi_images and info.is_main:
-        k = min(cfg.logger.num_roi_images, len(data.val_set))
-        items = (data.val_set[key] for key in data.val_loader.sampler)
-        roi_images = torch.stack([it[0] for it, _ in zip((it for it in items if it is not None), range(k))]).to(device)
-
-    def run_evaluation() -> dict:
-        res = evaluate(ddp_model, data.val_loader, data.eval_transform, info, precision)
-        res_ema = evaluate(ema.module, data.val_loader, data.eval_transform, info, precision) if ema else None
-        metrics = {"val/top1": res["top1"], "val/top5": res["top5"], "val/images": res["n"],
-                   "val/skipped_files": res["skipped"], "epoch": epoch}
-        if res_ema:
-            metrics.update({"val_ema/top1": res_ema["top1"], "val_ema/top5": res_ema["top5"]})
-        logger.log(metrics, step)
-        logger.log_accuracy_vs_throughput(res["img_s"], res["top1"], res_ema and res_ema["top1"], step)
-        if roi_images is not None:
-            logger.log_image("val/rois", roi_figure(model, roi_images, data.eval_transform, precision, cfg.data),
-                             f"tokens' RoIs and sampling points per sampling step, step {step}", step)
-        if info.is_main:
-            ema_txt = f", EMA top-1 {res_ema['top1']:.2f} top-5 {res_ema['top5']:.2f}" if res_ema else ""
-            log.info("step %d epoch %d: val top-1 %.2f top-5 %.2f on %d images (%.0f img/s)%s%s", step, epoch,
-                     res["top1"], res["top5"], res["n"], res["img_s"], ema_txt,
-                     f"; {res['skipped']} undecodable files skipped" if res["skipped"] else "")
-        return {"top1": res["top1"], "top1_ema": res_ema and res_ema["top1"]}
-
-    def finish(result: dict) -> float:
-        """result.json (rank 0): the final numbers and the wall time since train() started."""
-        if info.is_main:
-            out = {**result, "step": step, "wall_s": round(time.perf_counter() - start_time, 1),
-                   "world_size": info.world_size}
-            ckpt.save_atomic(out, run_dir / "result.json", save=lambda o, p: p.write_text(json.dumps(o, indent=1)))
-        logger.finish()
-        dist.teardown(info)
-        return result["top1"]
-
-    if tr.eval_only:
-        return finish(run_evaluation())
-
-    # ------------------------------------------------------------------ training loop
-    max_steps = min(tr.max_steps or total_steps, total_steps)
-    train_skipped, result, done = 0, None, step >= max_steps
-    ddp_model.train()
-    while not done and epoch < cfg.trainer.epochs:
-        data.train_sampler.set_epoch(epoch, start=batch_in_epoch * cfg.data.batch_size)
-        bar = tqdm(total=data.steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}",
-                   disable=not info.is_main, mininterval=2.0, dynamic_ncols=True)
-        # loss sum, steps, images since the last log line, kept on the device: no host sync per step
-        window, t0 = torch.zeros(3, dtype=torch.float64, device=device), time.perf_counter()
-        for x, y, skipped in data.train_loader:
-            batch_in_epoch += 1
-            train_skipped += skipped
-            bar.update(1)
-            if x is None:  # every file of the batch was undecodable
-                continue
-            lr = lr_at(step, **schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, target = data.train_transform(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            if has_sampling:  # the sampling-gradient clamp follows the loss scale (SPEC.md step 4)
-                model.sampling_grad_scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-            with autocast(device, precision):
-                logits = ddp_model(x)
-            loss = soft_target_cross_entropy(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.optim.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update(model)
-            step += 1
-            window[0] += loss.detach()
-            window[1] += 1
-            window[2] += len(x)
-
-            if step % cfg.logger.log_every_steps == 0 or step == max_steps:
-                loss_sum, n_steps, n_images = dist.all_reduce_sum(window, info).tolist()
-                img_s, mean_loss = n_images / (time.perf_counter() - t0), loss_sum / n_steps
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"training loss is {mean_loss} at step {step}")
-                logger.log({"train/loss": mean_loss, "train/lr": lr, "train/img_s": img_s,
-                            "train/epoch": step / data.steps_per_epoch, "train/skipped_files": train_skipped}, step)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
-                window, t0 = torch.zeros_like(window), time.perf_counter()
-            if tr.ckpt_every_steps and step % tr.ckpt_every_steps == 0:
-                save_checkpoint(epoch, batch_in_epoch)
-            if step >= max_steps:
-                done = True
-                break
-        bar.close()
-        end_of_epoch = batch_in_epoch >= data.steps_per_epoch
-        if end_of_epoch:
-            epoch, batch_in_epoch = epoch + 1, 0
-        save_checkpoint(epoch, batch_in_epoch)
-        if done or (end_of_epoch and epoch % tr.eval_every_epochs == 0) or epoch == cfg.trainer.epochs:
-            result = run_evaluation()
-    if train_skipped and info.is_main:
-        log.warning("%d undecodable training files were skipped", train_skipped)
-    if result is None:  # resumed a finished run
-        result = run_evaluation()
-    if info.enabled:
-        diff = replica_max_abs_diff(model, info)
-        logger.summary({"ddp/replica_max_abs_diff": diff})
-        if info.is_main:
-            log.info("DDP replicas after training: max |w_rank - w_rank0| = %g", diff)
-    logger.summary({"final/top1": result["top1"], "final/top1_ema": result["top1_ema"], "final/step": step,
-                    "train/skipped_files_total": train_skipped})
-    return finish(result)
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    try:
+        validate(cfg)
+    except ConfigError as e:  # one line that names the key and the reason, no traceback
+        raise SystemExit(f"config error: {e}") from None
+    run_dir = HydraConfig.get().runtime.output_dir
+    if launches_processes(cfg):
+        return launch_local_processes(cfg, run_dir, HydraConfig.get().overrides.task)
+    return train(cfg, run_dir)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,42 @@
-"""Checkpoints written atomically (temp file in the same folder, then os.replace), so a run
-killed mid-write leaves the previous checkpoint intact."""
+"""Training checkpoints: a `TrainState` with symmetric `save` / `restore`, written atomically (a temp
+file in the same folder, then os.replace), so a run killed mid-write keeps its previous checkpoint.
+
+The layout of `<run_dir>/checkpoints/last.pt`, the one place it is written down: a dict of tensors
+and plain Python values only, so `torch.load(path, weights_only=True)` reads it.
+
+| key | value |
+|---|---|
+| `model` | `model.state_dict()` (the bare model, no DDP `module.` prefix) |
+| `ema` | `{"module": state dict, "updates": int}`, or None without EMA |
+| `optimizer` | `optimizer.state_dict()` |
+| `scaler` | `GradScaler.state_dict()` (`{}` when the scaler is off: fp32, bf16) |
+| `schedule` | the learning-rate schedule: `base_lr, total_steps, warmup_steps, warmup_lr, min_lr` (`training.optim.lr_at`) |
+| `step` | optimizer steps done |
+| `epoch`, `batch_in_epoch` | the sampler position: the epoch, and the batches of it already consumed |
+| `rng` | one entry per rank: `{"torch": uint8 tensor, "cuda": [uint8 tensor per GPU], "numpy": {...}, "python": [...]}` |
+| `wandb_id` | the W&B run id, so a resumed run logs into the same run |
+| `config` | the run's resolved config, a plain dict |
+
+`model.create_model(name, pretrained="<run>/checkpoints/last.pt")` takes its `model` weights.
+"""
 from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
+
+from . import dist
+from .optim import EMA
 
 LAST = "last.pt"
 
 
-def save_atomic(obj: dict, path: Path, save=torch.save) -> None:
+def save_atomic(obj, path: Path, save=torch.save) -> None:
     """save(obj, temp file) next to `path`, then rename it onto `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
@@ -25,8 +49,21 @@ def find_last(run_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
+def load(path: Path) -> dict:
+    """A checkpoint of ours (the layout above): tensors and plain values, loaded weights-only."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's torch / CUDA / numpy / python RNG states, as tensors, lists and numbers."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "python": [version, list(internal), gauss_next],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -34,12 +71,64 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load(path: Path) -> dict:
-    # our checkpoints hold numpy / python RNG states and the config: not weights-only
-    return torch.load(path, map_location="cpu", weights_only=False)
+@dataclass
+class TrainState:
+    """Everything a run needs to continue exactly. Parts a caller does not hold (an evaluation has
+    no optimizer) are None, and `restore` skips them."""
+
+    model: nn.Module
+    ema: EMA | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+    schedule: dict = field(default_factory=dict)
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    wandb_id: str | None = None
+    config: dict = field(default_factory=dict)
+
+    def state_dict(self, rng: list[dict]) -> dict:
+        """The checkpoint (layout above), with `rng` the RNG state of every rank."""
+        return {
+            "model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None, "schedule": dict(self.schedule),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "rng": rng,
+            "wandb_id": self.wandb_id, "config": self.config,
+        }
+
+    def load_state_dict(self, ckpt: dict, rank: int = 0) -> None:
+        """The inverse of `state_dict`: this rank's RNG (rank 0's when the run had fewer ranks)."""
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.schedule = dict(ckpt.get("schedule") or self.schedule)
+        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        self.wandb_id, self.config = ckpt.get("wandb_id"), ckpt.get("config") or self.config
+        rng = ckpt.get("rng")
+        if rng:
+            set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+
+    def save(self, path: Path, info: dist.DistInfo) -> None:
+        """Collective: every rank's RNG state is gathered, rank 0 writes `path` atomically."""
+        rng = dist.all_gather_object(rng_state(), info)
+        if info.is_main:
+            save_atomic(self.state_dict(rng), path)
+        dist.barrier(info)
+
+    def restore(self, path: Path, info: dist.DistInfo | None = None) -> None:
+        """Every rank reads `path` and takes its own RNG state."""
+        self.load_state_dict(load(path), info.rank if info else 0)

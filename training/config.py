@@ -7,6 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from data.base import builder_from_config
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and says why."""
@@ -71,27 +73,16 @@ def resolve_hardware(hw) -> tuple[str, str, str]:
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first bad key. Called before anything expensive happens."""
-    _check(cfg, "data.name", lambda v: v in ("cluttered_mnist", "imagenet"), "must be cluttered_mnist or imagenet")
     _check(cfg, "data.batch_size", lambda v: _int(v) and v > 0, "batch size must be a positive integer")
     _check(cfg, "data.eval_batch_size", lambda v: _int(v) and v > 0, "batch size must be a positive integer")
     _check(cfg, "data.num_workers", lambda v: _int(v) and v >= 0, "must be an integer >= 0")
     _check(cfg, "data.augment.repeats", lambda v: _int(v) and v >= 1, "repeated augmentation count must be >= 1")
     _check(cfg, "data.augment.label_smoothing", lambda v: _num(v) and 0 <= v < 1, "must lie in [0, 1)")
     _check(cfg, "data.augment.random_erasing", lambda v: _num(v) and 0 <= v <= 1, "is a probability, in [0, 1]")
-    if cfg.data.name == "imagenet":
-        root = _get(cfg, "data.root") or os.environ.get("IMAGENET_ROOT")
-        if not root:
-            raise ConfigError("data.root=None: ImageNet needs a folder; pass data.root=/path/to/imagenet "
-                              "or set the IMAGENET_ROOT environment variable")
-        for split in ("train", "val"):
-            if not (Path(root).expanduser() / split).is_dir():
-                raise ConfigError(f"data.root={root!r}: {Path(root) / split} does not exist "
-                                  "(expected root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG)")
-        _check(cfg, "data.image_size", lambda v: _int(v) and v >= 32, "must be an integer >= 32")
-    else:
-        _check(cfg, "data.canvas_size", lambda v: _int(v) and v >= 28, "the canvas must hold a 28x28 digit")
-        _check(cfg, "data.num_clutter", lambda v: _int(v) and v >= 0, "must be an integer >= 0")
-        _check(cfg, "data.train_samples_per_epoch", lambda v: _int(v) and v > 0, "must be a positive integer")
+    try:  # the dataset's own keys: its builder checks them (data/base.py)
+        builder_from_config(cfg.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     _check(cfg, "trainer.epochs", lambda v: _int(v) and v > 0, "must be a positive integer")
     _check(cfg, "trainer.max_steps", lambda v: v is None or (_int(v) and v > 0), "must be null or a positive integer")
@@ -101,12 +92,9 @@ def validate(cfg: DictConfig) -> None:
     resume = _get(cfg, "trainer.resume")
     if resume not in (None, False, "auto") and not Path(str(resume)).is_file():
         raise ConfigError(f"trainer.resume={resume!r}: must be null, 'auto', or an existing checkpoint file")
-    ckpt = _get(cfg, "trainer.checkpoint")
-    if ckpt is not None and not Path(str(ckpt)).is_file():
-        raise ConfigError(f"trainer.checkpoint={ckpt!r}: no such file")
-    _check(cfg, "trainer.checkpoint_format", lambda v: v in ("auto", "ours", "official"), "must be auto, ours or official")
-    if _get(cfg, "trainer.eval_only") and ckpt is None and resume is None:
-        raise ConfigError("trainer.eval_only=True: needs trainer.checkpoint=<file> (or trainer.resume) to evaluate")
+    if _get(cfg, "trainer.eval_only") and not cfg.model.get("pretrained") and resume is None:
+        raise ConfigError("trainer.eval_only=True: needs weights to evaluate: model.pretrained=<true|file|URL> "
+                          "or trainer.resume=<train.py checkpoint>")
 
     _check(cfg, "optim.lr", lambda v: v is None or (_num(v) and v > 0), "must be null (scaled from base_lr) or > 0")
     _check(cfg, "optim.base_lr", lambda v: _num(v) and v > 0, "must be > 0")
@@ -126,4 +114,21 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "logger.mode", lambda v: v in ("offline", "online", "disabled"), "must be offline, online or disabled")
     _check(cfg, "logger.log_every_steps", lambda v: _int(v) and v > 0, "must be a positive integer")
     _check(cfg, "logger.num_roi_images", lambda v: _int(v) and v >= 0, "must be an integer >= 0")
-    _check(cfg, "model._target_", lambda v: isinstance(v, str), "must name the model factory")
+    validate_model(cfg.model)
+
+
+def validate_model(cfg: DictConfig) -> None:
+    """model._target_ names a callable; through model.create_model, the name, every override and
+    `pretrained` are checked without building anything."""
+    target = cfg.get("_target_")
+    if not isinstance(target, str):
+        raise ConfigError(f"model._target_={target!r}: must name the model factory (model.create_model)")
+    if target != "model.create_model":
+        return
+    from model.factory import check_model_args
+
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "_target_"}
+    try:
+        check_model_args(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None

@@ -69,6 +69,15 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def all_gather_object(obj, info: DistInfo) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
