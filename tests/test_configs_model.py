@@ -30,6 +30,6 @@ def test_model_config_instantiates_the_registered_variant(name):
 
 def test_model_config_overrides_reach_the_model():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(overrides=["+model=sparseformer_t", "model.num_tokens=16", "model.cortex_depth=2"])
+        cfg = compose(overrides=["+model=sparseformer_t", "+model.num_tokens=16", "+model.cortex_depth=2"])
     built = instantiate(cfg.model)
     assert built.num_tokens == 16 and len(built.cortex) == 2

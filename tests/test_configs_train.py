@@ -31,9 +31,9 @@ def test_default_is_nano_on_cluttered_mnist_on_cpu():
     validate(cfg)
     assert cfg.model.name == "sparseformer_nano" and cfg.data.name == "cluttered_mnist"
     assert cfg.logger.mode == "offline"
-    # the (data, model) specialisation picked for the default pair sets its training schedule
-    specialisation = OmegaConf.load(CONF / "data_model/cluttered_mnist_sparseformer_nano.yaml")
-    assert cfg.trainer.epochs == specialisation.trainer.epochs and cfg.optim.lr == specialisation.optim.lr
+    # the dataset's recipe sets the training schedule
+    recipe = OmegaConf.load(CONF / "recipe/cluttered_mnist.yaml")
+    assert cfg.trainer.epochs == recipe.trainer.epochs == 10 and cfg.optim.lr == recipe.optim.lr
     # two local ranks of 32 canvases: the global batch the schedule was tuned for
     assert cfg.hardware.processes == 2 and cfg.data.batch_size * cfg.hardware.processes == 64
     if not torch.cuda.is_available():
@@ -73,7 +73,7 @@ def test_every_experiment(experiment, imagenet_root):
     validate(cfg)
     in_chans = 1 if cfg.data.name == "cluttered_mnist" else 3
     model = build(cfg, 1000, in_chans)
-    if experiment.endswith("_imagenet"):  # the paper's recipe (SPEC.md)
+    if experiment.endswith("_imagenet"):  # the paper's recipe (docs/MODEL.md "Training recipe")
         variant = experiment.removesuffix("_imagenet")
         assert cfg.model.name == variant
         assert cfg.trainer.epochs == 300 and cfg.schedule.warmup_epochs == 20
@@ -82,11 +82,94 @@ def test_every_experiment(experiment, imagenet_root):
         assert cfg.trainer.ema_decay == 0.9999 and cfg.data.augment.repeats == 3
         assert cfg.data.augment.mixup.mixup_alpha == 0.8 and cfg.data.augment.mixup.cutmix_alpha == 1.0
         assert cfg.data.augment.label_smoothing == 0.1 and cfg.data.augment.random_erasing == 0.25
-        assert cfg.model.drop_path_rate == {"sparseformer_t": 0.2, "sparseformer_s": 0.3, "sparseformer_b": 0.4}[variant]
+        rate = {"sparseformer_t": 0.2, "sparseformer_s": 0.3, "sparseformer_b": 0.4}[variant]  # the variant's
+        assert model.drop_path_rates[-1] == pytest.approx(rate)
+        assert cfg.name == experiment and cfg.seed == 0  # _self_ first: train.yaml's name: null does not win
         assert cfg.hardware.precision == ("fp32" if variant == "sparseformer_b" else "auto")
         assert cfg.data.batch_size == 128
         expected = {"sparseformer_t": 31_522_212, "sparseformer_s": 47_575_056, "sparseformer_b": 81_076_996}[variant]
         assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_a_bigger_model_on_cluttered_mnist_gets_the_data_recipe():
+    """model=sparseformer_t on the default data trains the data's 10 epochs, not ImageNet's 300."""
+    cfg = compose_cfg(["model=sparseformer_t"])
+    validate(cfg)
+    assert cfg.trainer.epochs == 10 and cfg.data.batch_size == 32 and cfg.optim.lr == 2e-3
+    assert compose_cfg(["data=imagenet", "model=sparseformer_t"]).trainer.epochs == 300
+
+
+def test_an_experiment_sets_name_seed_and_run_dir(tmp_path):
+    """train.yaml's own values come first in its defaults list (_self_), so an experiment's win."""
+    import shutil
+
+    conf = shutil.copytree(CONF, tmp_path / "conf")
+    (conf / "experiment" / "pinned.yaml").write_text(
+        "# @package _global_\nname: pinned_run\nseed: 123\nrun_dir: /tmp/pinned\ntrainer:\n  epochs: 3\n")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=pinned"])
+    assert (cfg.name, cfg.seed, cfg.run_dir, cfg.trainer.epochs) == ("pinned_run", 123, "/tmp/pinned", 3)
+    # and the command line still wins over the experiment
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=pinned", "seed=7", "name=mine"])
+    assert (cfg.name, cfg.seed) == ("mine", 7)
+
+
+def test_model_configs_hold_only_the_name():
+    """Widths live in the model code (VARIANTS): a model config names the variant, nothing more."""
+    for path in (CONF / "model").glob("*.yaml"):
+        assert set(OmegaConf.load(path)) == {"_target_", "name", "pretrained"}, path.name
+    for group in ("optim", "schedule"):  # no dead keys
+        assert "name" not in OmegaConf.load(CONF / group / f"{'adamw' if group == 'optim' else 'cosine'}.yaml")
+
+
+def test_every_data_config_names_a_builder_that_checks_its_keys(imagenet_root):
+    from data import COMMON_KEYS, DatasetBuilder, builder_from_config
+
+    for path in (CONF / "data").glob("*.yaml"):
+        cfg = compose_cfg([f"data={path.stem}", f"data.root={imagenet_root}"] if path.stem == "imagenet"
+                          else [f"data={path.stem}"])
+        builder = builder_from_config(cfg.data)
+        assert isinstance(builder, DatasetBuilder) and set(COMMON_KEYS) <= set(cfg.data)
+        bad = OmegaConf.merge(OmegaConf.to_container(cfg.data, resolve=True), {"no_such_key": 1})
+        with pytest.raises(ValueError, match=r"data\.no_such_key: not a key of"):
+            builder_from_config(bad)
+
+
+def test_a_new_dataset_is_one_module_and_one_yaml(tmp_path, monkeypatch):
+    """The plug-in protocol end to end: a builder module on the path and a data YAML naming it are
+    enough for validation and build_data; its own check names its key."""
+    (tmp_path / "toy_data.py").write_text(
+        "from dataclasses import dataclass\n"
+        "import torch\n"
+        "from data.base import DatasetBuilder, InputSpec, Splits, expect\n"
+        "class Items(torch.utils.data.Dataset):\n"
+        "    def __len__(self): return 12\n"
+        "    def __getitem__(self, key): return torch.full((2, 8, 8), key[0], dtype=torch.uint8), key[0] % 3\n"
+        "@dataclass\n"
+        "class ToyBuilder(DatasetBuilder):\n"
+        "    size: int = 8\n"
+        "    def check(self): expect(self.size == 8, 'size', self.size, 'must be 8')\n"
+        "    def build(self): return Splits(Items(), Items(), InputSpec(3, 2, self.size))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from data import build_data
+
+    cfg = compose_cfg([])
+    toy = OmegaConf.create({"_target_": "toy_data.ToyBuilder", "name": "toy", "batch_size": 4, "eval_batch_size": 6,
+                            "num_workers": 0, "mean": [0.5, 0.5], "std": [0.5, 0.5], "size": 8,
+                            "augment": {"randaugment": None, "random_erasing": 0.0, "mixup": None,
+                                        "label_smoothing": 0.0, "repeats": 1}})
+    cfg.data = toy
+    validate(cfg)
+    data = build_data(cfg.data)
+    assert data.spec.model_kwargs() == {"num_classes": 3, "in_chans": 2} and data.steps_per_epoch == 3
+    x, y, skipped = next(iter(data.train_loader))
+    assert x.shape == (4, 2, 8, 8) and skipped == 0
+    cfg.data.size = 9
+    with pytest.raises(ConfigError, match=r"data\.size=9: must be 8"):
+        validate(cfg)
 
 
 def test_slurm_launcher_config_composes():
@@ -110,10 +193,15 @@ def test_slurm_launcher_config_composes():
     ("logger.mode=sometimes", "logger.mode"),
     ("hardware.precision=fp8", "hardware.precision"),
     ("trainer.eval_only=true", "trainer.eval_only"),
+    ("data.canvas_size=20", "data.canvas_size"),
+    ("+data.canvas=64", "data.canvas"),
+    ("+model.num_tokenz=3", "num_tokenz"),
+    ("model.pretrained=/nonexistent/weights.pth", "pretrained"),
+    ("model=sparseformer_nano model.pretrained=true", "sparseformer_nano: no released weights"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(compose_cfg([override]))
+        validate(compose_cfg(override.split()))
 
 
 def test_imagenet_without_root_names_the_key(monkeypatch, tmp_path):

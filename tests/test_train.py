@@ -16,7 +16,12 @@ from PIL import Image
 from train_helpers import CONF, FAST, TINY_MNIST, TINY_MODEL, compose_cfg, make_fake_imagenet
 
 import train as train_script
-from training.wandb_offline import find_run_files, read_run
+from wandb_offline import find_run_files, read_run
+
+
+# the architecture of ../shared/fixtures/official_v{1,2}_small.pt on top of sparseformer_t
+FIXTURE_MODEL = ["+model.num_tokens=16", "+model.num_points=16", "+model.focusing_dim=64", "+model.cortex_dim=128",
+                 "+model.cortex_depth=2", "+model.backend=torch"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -35,9 +40,12 @@ def mnist_run(tmp_path_factory):
 def test_default_path_trains_and_checkpoints(mnist_run):
     run_dir, cfg, top1 = mnist_run
     assert 0.0 <= top1 <= 100.0
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)  # tensors and plain values only
     assert state["step"] == 8 and state["epoch"] == 2 and state["batch_in_epoch"] == 0
-    assert {"model", "ema", "optimizer", "scaler", "rng", "config", "wandb_id"} <= set(state)
+    assert set(state) == {"model", "ema", "optimizer", "scaler", "schedule", "step", "epoch", "batch_in_epoch", "rng",
+                          "wandb_id", "config"}  # the layout of training/checkpoint.py
+    assert state["schedule"]["total_steps"] == 8 and state["schedule"]["warmup_steps"] == 2
+    assert state["wandb_id"] and state["config"]["model"]["name"] == "sparseformer_nano"
     assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # atomic writes leave no temp files
     losses = [m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m]
     assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
@@ -97,11 +105,30 @@ def test_wandb_offline_run_reads_back(mnist_run):
     assert img.shape[0] > 100 and img.std() > 10  # a real drawing, not a blank canvas
 
 
-def test_eval_only_reproduces_the_final_evaluation(mnist_run, tmp_path):
+def test_soft_target_cross_entropy():
+    target = torch.tensor([[0.92, 0.02, 0.02, 0.02, 0.02]])
+    loss = train_script.soft_target_cross_entropy(torch.zeros(1, 5), target)
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(5.0)).item())  # uniform logits: log K
+    logits = torch.randn(4, 5)
+    hard = torch.nn.functional.one_hot(torch.arange(4), 5).float()
+    torch.testing.assert_close(train_script.soft_target_cross_entropy(logits, hard),
+                               torch.nn.functional.cross_entropy(logits, torch.arange(4)))
+
+
+@pytest.mark.parametrize("how", ["resume", "pretrained"])
+def test_eval_only_reproduces_the_final_evaluation(mnist_run, tmp_path, how):
+    """trainer.resume restores the whole TrainState (its step, the EMA); model.pretrained takes the
+    checkpoint's raw weights: both give the run's final top-1."""
     run_dir, _, top1 = mnist_run
-    cfg = compose_cfg([*TINY_MODEL, *TINY_MNIST, *FAST, f"run_dir={tmp_path}", "trainer.eval_only=true",
-                       f"trainer.checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "logger.mode=disabled"])
+    last = run_dir / "checkpoints" / "last.pt"
+    source = f"trainer.resume={last}" if how == "resume" else f"model.pretrained={last}"
+    cfg = compose_cfg([*TINY_MODEL, *TINY_MNIST, *FAST, f"run_dir={tmp_path}", "trainer.eval_only=true", source,
+                       "logger.mode=disabled"])
     assert train_script.train(cfg, tmp_path) == pytest.approx(top1)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["step"] == (8 if how == "resume" else 0)
+    if how == "resume":  # the checkpoint's EMA, not a fresh copy of the raw weights
+        assert result["top1_ema"] == pytest.approx(json.loads((run_dir / "result.json").read_text())["top1_ema"])
 
 
 def test_visualize_draws_every_sampling_step(mnist_run, tmp_path):
@@ -117,22 +144,27 @@ def test_visualize_draws_every_sampling_step(mnist_run, tmp_path):
     assert img.width > img.height * 0.8 and np.asarray(img).std() > 10
 
 
-def test_official_weights_evaluate_and_load_exactly(fixtures_dir, tmp_path):
-    """The authors' (small, fixture) weights through load_official_checkpoint: the logits of the
-    loaded model match the authors' code; eval-only mode runs them on an ImageNet folder."""
-    path = fixtures_dir / "official_v1_small.pt"
-    ref = torch.load(path, weights_only=True)
-    model, _ = train_script.load_weights(None, str(path), "auto", {})
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(ref["input"]), ref["logits"], rtol=1e-4, atol=1e-4)
-
+@pytest.mark.parametrize("name", ["official_v1_small.pt", "official_v2_small.pt"])
+def test_released_weights_fine_tune_and_evaluate(fixtures_dir, tmp_path, monkeypatch, caplog, name):
+    """model.pretrained=<the authors' file> (either layout, detected) on a 2-class ImageNet folder:
+    the 1000-class head is re-initialised (one log line), every other weight is the file's."""
+    built = []
+    real_instantiate = hydra.utils.instantiate
+    monkeypatch.setattr(train_script.hydra.utils, "instantiate", lambda *a, **k: built.append(real_instantiate(*a, **k))
+                        or built[-1])
     root = make_fake_imagenet(tmp_path / "imagenet")
-    cfg = compose_cfg(["data=imagenet", f"data.root={root}", "data.image_size=64", "data.num_workers=0",
+    cfg = compose_cfg(["model=sparseformer_t", *FIXTURE_MODEL, f"model.pretrained={fixtures_dir / name}",
+                       "data=imagenet", f"data.root={root}", "data.image_size=64", "data.num_workers=0",
                        "data.eval_batch_size=2", "hardware=cpu", "logger.mode=disabled", "trainer.eval_only=true",
-                       f"trainer.checkpoint={path}", "trainer.ema_decay=null", f"run_dir={tmp_path / 'run'}"])
-    top1 = train_script.train(cfg, tmp_path / "run")
-    assert 0.0 <= top1 <= 100.0
+                       "trainer.ema_decay=null", f"run_dir={tmp_path / 'run'}"])
+    with caplog.at_level("INFO"):
+        assert 0.0 <= train_script.train(cfg, tmp_path / "run") <= 100.0
+    assert "the checkpoint has 1000 classes, the model 2: head.classifier re-initialised" in caplog.text
+    (model,) = built
+    ref = torch.load(fixtures_dir / "official_v1_small.pt", weights_only=True)["state_dict"]
+    assert model.head.classifier.out_features == 2
+    assert torch.equal(model.stem.conv1.weight, ref["feat_extractor.conv1.weight"])
+    assert torch.equal(model.cortex[0].adaptive_mixing.out_proj.weight, ref["layers.2.adaptive_mixing.tuo_proj.weight"])
 
 
 def test_imagenet_path_skips_and_counts_the_corrupt_file(tmp_path, caplog):

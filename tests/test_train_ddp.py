@@ -7,11 +7,11 @@ import json
 import torch
 from train_helpers import FAST, TINY_MNIST, TINY_MODEL, run_train
 
-from training.wandb_offline import find_run_files, read_run
+from wandb_offline import find_run_files, read_run
 
 
 def test_two_process_gloo_training_keeps_replicas_identical(tmp_path):
-    res = run_train([*TINY_MODEL, *TINY_MNIST, *FAST, "data.test_samples=25", "model.drop_path_rate=0.1",
+    res = run_train([*TINY_MODEL, *TINY_MNIST, *FAST, "data.test_samples=25", "+model.drop_path_rate=0.1",
                      "trainer.ckpt_every_steps=3"], cwd=tmp_path, torchrun=2, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     run_dirs = list((tmp_path / "outputs" / "torchrun").iterdir())  # named by the rendezvous id, shared

@@ -18,7 +18,7 @@ import train as train_script
 
 # 3 epochs of 4 steps, a checkpoint every 2 steps; W&B off (metrics.jsonl still written)
 ARGS = [*TINY_MODEL, *TINY_MNIST, *FAST, "trainer.epochs=3", "trainer.ckpt_every_steps=2",
-        "logger.num_roi_images=0", "logger.mode=disabled", "model.drop_path_rate=0.1"]
+        "logger.num_roi_images=0", "logger.mode=disabled", "+model.drop_path_rate=0.1"]
 
 
 def losses(run_dir) -> dict[int, float]:

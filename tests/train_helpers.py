@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 
 # SparseFormer-nano shrunk further: a few CPU-seconds per step at most
-TINY_MODEL = ["model.num_tokens=4", "model.num_points=4", "model.conv_dim=8", "model.focusing_dim=16",
-              "model.cortex_dim=32", "model.cortex_depth=1", "model.num_heads=2", "model.focusing_repeats=2"]
+TINY_MODEL = ["+model.num_tokens=4", "+model.num_points=4", "+model.conv_dim=8", "+model.focusing_dim=16",
+              "+model.cortex_dim=32", "+model.cortex_depth=1", "+model.num_heads=2", "+model.focusing_repeats=2"]
 TINY_MNIST = ["data.batch_size=8", "data.eval_batch_size=16", "data.train_samples_per_epoch=32",
               "data.test_samples=24", "data.canvas_size=40", "data.num_clutter=2", "data.num_workers=0"]
 FAST = ["hardware=cpu", "hardware.num_threads=1", "hardware.processes=1", "logger.log_every_steps=1",
