@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 # torch is installed first, on its own, so that the other requirements never pull another build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,9 @@ train: setup
 
 test: setup
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q
+
+lint: setup
+	$(VPY) -m ruff check .
 
 bench: setup
 	$(VPY) benchmark.py

@@ -43,7 +43,6 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
 
 import hydra
 import torch
@@ -74,7 +73,7 @@ class Point:
     """One measurement: `tokens` is None for a model's default token count (and for dense models)."""
 
     model: str
-    tokens: Optional[int]
+    tokens: int | None
     resolution: int
     mode: str
 
@@ -97,7 +96,8 @@ def sweep_points(sweep: DictConfig) -> list[Point]:
                 if mode == "train" and sweep.train_max_resolution is not None and res > sweep.train_max_resolution:
                     continue
                 if not is_sparseformer(name):
-                    if res in sweep.resolutions and (sweep.dense_max_resolution is None or res <= sweep.dense_max_resolution):
+                    dense_max = sweep.dense_max_resolution
+                    if res in sweep.resolutions and (dense_max is None or res <= dense_max):
                         points.append(Point(name, None, res, mode))
                     continue
                 default = SPARSEFORMER_VARIANTS[name]["num_tokens"]
@@ -268,7 +268,7 @@ def run_sweep(cfg: DictConfig, device: torch.device, progress: bool = True) -> l
         static: dict[Point, dict] = {}
         done = dict.fromkeys(group, 0)  # progress-bar steps done per point
 
-        def record_oom(p: Point, where: str, err: BaseException) -> None:
+        def record_oom(p: Point, where: str, err: BaseException, static=static, runners=runners) -> None:
             log.warning("out of memory: %s at %d px (%s, %s): %s", p.model, p.resolution, p.mode, where,
                         str(err).splitlines()[0] if str(err) else type(err).__name__)
             rows[p] = _row(p, cfg, device, status="oom", **static.get(p, {}))
@@ -380,7 +380,7 @@ def _resolution_rows(rows: list[dict]) -> list[dict]:
             or r["tokens"] == SPARSEFORMER_VARIANTS[r["model"]]["num_tokens"]]
 
 
-def plot_results(rows: list[dict], run_dir: Path, accuracy: Optional[dict[str, float]] = None,
+def plot_results(rows: list[dict], run_dir: Path, accuracy: dict[str, float] | None = None,
                  base_resolution: int = 224) -> list[Path]:
     """PNG plots: throughput vs resolution, throughput vs tokens, accuracy vs throughput (if given)."""
     import matplotlib
@@ -406,10 +406,11 @@ def plot_results(rows: list[dict], run_dir: Path, accuracy: Optional[dict[str, f
 
     by_res = _resolution_rows(ok)
     fig, axes = figure(len(modes))
-    for ax, mode in zip(axes, modes):
+    for ax, mode in zip(axes, modes, strict=True):
         for name in dict.fromkeys(r["model"] for r in by_res if r["mode"] == mode):
-            pts = sorted((r["resolution"], r["throughput_img_s"]) for r in by_res if r["model"] == name and r["mode"] == mode)
-            ax.plot(*zip(*pts), marker="o", label=name)
+            pts = sorted((r["resolution"], r["throughput_img_s"]) for r in by_res
+                         if r["model"] == name and r["mode"] == mode)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
         ax.set(xlabel="resolution (px)", ylabel="throughput (img/s)", title=f"{mode} ({title})", yscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -418,10 +419,11 @@ def plot_results(rows: list[dict], run_dir: Path, accuracy: Optional[dict[str, f
     sf = [r for r in ok if is_sparseformer(r["model"]) and r["resolution"] == base_resolution]
     if sf:
         fig, axes = figure(len(modes))
-        for ax, mode in zip(axes, modes):
+        for ax, mode in zip(axes, modes, strict=True):
             for name in dict.fromkeys(r["model"] for r in sf if r["mode"] == mode):
-                pts = sorted((r["tokens"], r["throughput_img_s"]) for r in sf if r["model"] == name and r["mode"] == mode)
-                ax.plot(*zip(*pts), marker="o", label=name)
+                pts = sorted((r["tokens"], r["throughput_img_s"]) for r in sf
+                             if r["model"] == name and r["mode"] == mode)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
             for r in ok:  # dense baselines at the same resolution, as horizontal lines
                 if not is_sparseformer(r["model"]) and r["mode"] == mode and r["resolution"] == base_resolution:
                     ax.axhline(r["throughput_img_s"], ls="--", lw=1, color="gray")

@@ -273,7 +273,7 @@ def pick_roi_images(cfg: DictConfig, data: Data, model: nn.Module, info: dist.Di
     k = min(cfg.logger.num_roi_images, len(data.val_set))
     items = (data.val_set[key] for key in data.val_loader.sampler)
     decodable = (it for it in items if it is not None)
-    return torch.stack([it[0] for it, _ in zip(decodable, range(k))]).to(info.device)
+    return torch.stack([it[0] for it, _ in zip(decodable, range(k), strict=False)]).to(info.device)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -413,7 +413,8 @@ def launch_local_processes(cfg: DictConfig, run_dir: str, overrides: list[str]) 
     threads = cfg.hardware.num_threads or max(1, cores // n)
     keep = [o for o in overrides if not o.lstrip("+~").startswith(("run_dir=", "hardware.num_threads="))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           str(Path(__file__).resolve()), *keep, f"run_dir={Path(run_dir).resolve()}", f"hardware.num_threads={threads}"]
+           str(Path(__file__).resolve()), *keep, f"run_dir={Path(run_dir).resolve()}",
+           f"hardware.num_threads={threads}"]
     log.info("hardware.processes=%d: launching %d local processes of %d thread(s) each (%s)", n, n, threads,
              " ".join(cmd[1:6]))
     returncode = subprocess.call(cmd)

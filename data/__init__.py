@@ -63,9 +63,10 @@ def collate_skip_none(batch):
     return images, labels, skipped
 
 
-def build_data(cfg, world_size: int = 1, rank: int = 0, seed: int = 0, device=torch.device("cpu")) -> Data:
+def build_data(cfg, world_size: int = 1, rank: int = 0, seed: int = 0, device: torch.device | None = None) -> Data:
     """The dataset `cfg._target_` names, sharded over `world_size` ranks, as loaders of uint8 batches
     plus the device-side transforms that finish them."""
+    device = device or torch.device("cpu")
     builder = builder_from_config(cfg)
     splits = builder.build()
     train_sampler = TrainSampler(len(splits.train), world_size, rank, seed, repeats=cfg.augment.repeats)

@@ -69,7 +69,8 @@ class BatchTransform(nn.Module):
             from kornia.augmentation import RandomErasing
 
             self.erasing = RandomErasing(p=random_erasing, value=0.0)  # 0 after normalising = mean pixel
-        self.mix = MixupCutmix(num_classes, label_smoothing=label_smoothing, **(mixup or {"prob": 0.0})) if train else None
+        mix = mixup or {"prob": 0.0}
+        self.mix = MixupCutmix(num_classes, label_smoothing=label_smoothing, **mix) if train else None
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, y: torch.Tensor):

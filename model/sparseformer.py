@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -346,7 +345,8 @@ class SparseFormer(nn.Module):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"SparseFormer: {key} must be a positive integer, got {value!r}")
         if num_points < 2:
-            raise ValueError(f"SparseFormer: num_points must be >= 2 (offsets are standardised over points), got {num_points}")
+            raise ValueError(f"SparseFormer: num_points must be >= 2 (offsets are standardised over points), "
+                             f"got {num_points}")
         for key, dim in (("focusing_dim", focusing_dim), ("cortex_dim", cortex_dim)):
             heads = min(num_heads, dim)
             if dim % heads or dim < 4:
@@ -424,8 +424,8 @@ class SparseFormer(nn.Module):
             raise ValueError(f"SparseFormer expects floating-point images, got {x.dtype}; convert with x.float()")
         if x.shape[1] != self.in_chans:
             raise ValueError(
-                f"SparseFormer was built for {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
-                "set in_chans when creating the model"
+                f"SparseFormer was built for {self.in_chans} input channels, got {x.shape[1]} "
+                f"(shape {tuple(x.shape)}); set in_chans when creating the model"
             )
         if min(x.shape[2:]) < 8:
             raise ValueError(f"SparseFormer's stem needs images of at least 8x8 pixels, got {tuple(x.shape[2:])}")
@@ -597,10 +597,11 @@ def infer_config(state: dict) -> dict:
             num_classes=state["head.classifier.weight"].shape[0],
         )
     except (KeyError, AttributeError) as err:
-        raise ValueError(f"cannot infer the SparseFormer variant: this is not an authors' v1 state dict ({err!r})")
+        raise ValueError(f"cannot infer the SparseFormer variant: this is not an authors' v1 state dict ({err!r})") \
+            from None
 
 
-def _official_to_ours_key(key: str, first_cortex: int) -> Optional[str]:
+def _official_to_ours_key(key: str, first_cortex: int) -> str | None:
     renames = {
         "feat_extractor.conv1.": "stem.conv1.",
         "token_roi.weight": "token_roi",
@@ -624,7 +625,7 @@ def _official_to_ours_key(key: str, first_cortex: int) -> Optional[str]:
     return f"cortex.{index - first_cortex}.{rest}"
 
 
-def checkpoint_filter_fn(state: dict, model: Optional["SparseFormer"] = None) -> dict:
+def checkpoint_filter_fn(state: dict, model: SparseFormer | None = None) -> dict:
     """Any of our three layouts (ours, the authors' v1, v2) -> ours, renamed only (no shape checks).
     A key that has no place in ours keeps its name, so the check that follows lists it."""
     layout = detect_layout(state)
@@ -640,14 +641,14 @@ def checkpoint_filter_fn(state: dict, model: Optional["SparseFormer"] = None) ->
     return out
 
 
-def convert_official_state_dict(state: dict, model: "SparseFormer") -> dict:
+def convert_official_state_dict(state: dict, model: SparseFormer) -> dict:
     """Authors' v1 or v2 state dict -> ours for `model`; raises listing every key it cannot place or misses."""
     converted = checkpoint_filter_fn(state, model)
     check_state_dict(converted, model, "official checkpoint")
     return converted
 
 
-def export_official_state_dict(model: "SparseFormer") -> dict:
+def export_official_state_dict(model: SparseFormer) -> dict:
     """Our weights in the authors' released v1 layout (inverse of `convert_official_state_dict`)."""
     first = 2 if isinstance(model.transition, nn.Sequential) else 1
     out = {}
@@ -671,7 +672,7 @@ def export_official_state_dict(model: "SparseFormer") -> dict:
 
 def load_official_checkpoint(
     path_or_state_dict, config=None, *, use_ema: bool = False, **overrides
-) -> "SparseFormer":
+) -> SparseFormer:
     """Our SparseFormer holding the authors' released weights, v1 or v2 layout (detected).
 
     Args:

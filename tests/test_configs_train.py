@@ -6,8 +6,8 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from train_helpers import CONF, TINY_MNIST, TINY_MODEL, compose_cfg, make_fake_imagenet, run_train
 
+from train_helpers import CONF, TINY_MNIST, TINY_MODEL, compose_cfg, make_fake_imagenet, run_train
 from training.config import ConfigError, register_resolvers, resolve_hardware, validate
 
 register_resolvers()
@@ -69,7 +69,8 @@ def test_there_are_imagenet_experiments_for_t_s_b():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment(experiment, imagenet_root):
-    cfg = compose_cfg([f"experiment={experiment}"] + ([f"data.root={imagenet_root}"] if "imagenet" in experiment else []))
+    root = [f"data.root={imagenet_root}"] if "imagenet" in experiment else []
+    cfg = compose_cfg([f"experiment={experiment}", *root])
     validate(cfg)
     in_chans = 1 if cfg.data.name == "cluttered_mnist" else 3
     model = build(cfg, 1000, in_chans)

@@ -6,12 +6,12 @@ import logging
 import pytest
 import torch
 from omegaconf import OmegaConf
-from train_helpers import make_fake_imagenet
 
 from data import build_data, collate_skip_none
 from data.augment import BatchTransform, MixupCutmix, smooth_one_hot
 from data.imagenet import ImageNetFolder, random_resized_crop_box
 from data.samplers import EvalSampler, TrainSampler
+from train_helpers import make_fake_imagenet
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,8 @@ def test_eval_resize_then_centre_crop(root):
     im = Image.open(ds.samples[i][0]).convert("RGB")
     w, h = im.size  # short side -> floor(32 / 0.875) = 36, then the central 32 x 32
     nw, nh = (36, round(h * 36 / w)) if w <= h else (round(w * 36 / h), 36)
-    im = im.resize((nw, nh), Image.BICUBIC).crop(((nw - 32) // 2, (nh - 32) // 2, (nw - 32) // 2 + 32, (nh - 32) // 2 + 32))
+    left, top = (nw - 32) // 2, (nh - 32) // 2
+    im = im.resize((nw, nh), Image.BICUBIC).crop((left, top, left + 32, top + 32))
     assert torch.equal(x, torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
 
 
@@ -121,7 +122,7 @@ def test_build_data_imagenet_loaders_count_skipped_files(root):
     assert data.steps_per_epoch == 3
     skipped, seen = 0, 0
     data.train_sampler.set_epoch(0)
-    for x, y, s in data.train_loader:
+    for x, _, s in data.train_loader:
         skipped += s
         seen += 0 if x is None else len(x)
     assert skipped + seen == 9 and skipped == 1

@@ -29,7 +29,8 @@ def test_exact_parameter_counts(name):
 
 def test_registry_lists_every_variant_and_rejects_unknown_names():
     names = model.list_models()
-    assert {"sparseformer_t", "sparseformer_s", "sparseformer_b", "sparseformer_nano", "deit_tiny", "deit_small"} <= set(names)
+    expected = {"sparseformer_t", "sparseformer_s", "sparseformer_b", "sparseformer_nano", "deit_tiny", "deit_small"}
+    assert expected <= set(names)
     with pytest.raises(ValueError, match="known models: .*sparseformer_t"):
         model.create_model("sparseformer_xl")
     with pytest.raises(ValueError, match="unknown override.*num_tokenz"):
@@ -104,7 +105,8 @@ def test_deit_rejects_wrong_resolution():
 
 
 def test_initial_rois_and_offset_grid_follow_the_spec():
-    m = SparseFormer(num_tokens=10, num_points=9, conv_dim=8, focusing_dim=16, cortex_dim=16, cortex_depth=1, num_heads=4)
+    m = SparseFormer(num_tokens=10, num_points=9, conv_dim=8, focusing_dim=16, cortex_dim=16, cortex_depth=1,
+                     num_heads=4)
     # root = 3: token k at x-index k // 3, y-index k % 3, half-size boxes; token 9 covers the image.
     k = 5
     ux, uy = (k // 3) / 2, (k % 3) / 2

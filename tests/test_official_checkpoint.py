@@ -159,7 +159,8 @@ def test_every_released_v2_key_and_shape_maps(released_keys, released_keys_v2, n
     assert detect_layout(state) == "v2"
     ours = model.create_model(name)
     converted = convert_official_state_dict(state, ours)  # raises listing anything unplaced or missing
-    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in converted.items()} == shapes
     for config in (None, name):
         m = model.load_official_checkpoint(state, config)
         assert sum(p.numel() for p in m.parameters()) == released_keys[name]["params"]

@@ -7,17 +7,16 @@ import json
 import math
 from pathlib import Path
 
+import hydra.utils
 import numpy as np
 import pytest
-import hydra.utils
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
-from train_helpers import CONF, FAST, TINY_MNIST, TINY_MODEL, compose_cfg, make_fake_imagenet
 
 import train as train_script
+from train_helpers import CONF, FAST, TINY_MNIST, TINY_MODEL, compose_cfg, make_fake_imagenet
 from wandb_offline import find_run_files, read_run
-
 
 # the architecture of ../shared/fixtures/official_v{1,2}_small.pt on top of sparseformer_t
 FIXTURE_MODEL = ["+model.num_tokens=16", "+model.num_points=16", "+model.focusing_dim=64", "+model.cortex_dim=128",

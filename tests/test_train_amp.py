@@ -8,9 +8,9 @@ import math
 import hydra
 import pytest
 import torch
-from train_helpers import FAST, TINY_MNIST, TINY_MODEL, compose_cfg
 
 import train as train_script
+from train_helpers import FAST, TINY_MNIST, TINY_MODEL, compose_cfg
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -26,8 +26,8 @@ def test_amp_trains_and_feeds_the_loss_scale_to_the_sampling_clamp(precision, tm
     cfg = compose_cfg([*TINY_MODEL, *TINY_MNIST, *FAST, f"hardware.precision={precision}", "trainer.epochs=1",
                        "logger.mode=disabled", "logger.num_roi_images=0", f"run_dir={tmp_path}"])
     train_script.train(cfg, tmp_path)
-    losses = [json.loads(l)["train/loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
-              if "train/loss" in l]
+    losses = [json.loads(line)["train/loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
     (model,) = built

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import torch
-from train_helpers import FAST, TINY_MNIST, TINY_MODEL, run_train
 
+from train_helpers import FAST, TINY_MNIST, TINY_MODEL, run_train
 from wandb_offline import find_run_files, read_run
 
 
@@ -25,7 +25,8 @@ def test_two_process_gloo_training_keeps_replicas_identical(tmp_path):
     run = read_run(wandb_runs[0])
     assert run["summary"]["world_size"] == 2 and run["summary"]["global_batch_size"] == 16
     assert run["summary"]["ddp/replica_max_abs_diff"] == 0.0
-    evals = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if "val/top1" in l]
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "val/top1" in line]
     assert evals and all(e["val/images"] == 25 for e in evals)  # 13 + 12 over the two ranks, no padding
 
 

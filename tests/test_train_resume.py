@@ -12,9 +12,9 @@ import time
 
 import pytest
 import torch
-from train_helpers import FAST, REPO, TINY_MNIST, TINY_MODEL, compose_cfg
 
 import train as train_script
+from train_helpers import FAST, REPO, TINY_MNIST, TINY_MODEL, compose_cfg
 
 # 3 epochs of 4 steps, a checkpoint every 2 steps; W&B off (metrics.jsonl still written)
 ARGS = [*TINY_MODEL, *TINY_MNIST, *FAST, "trainer.epochs=3", "trainer.ckpt_every_steps=2",
@@ -60,7 +60,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(uninterrupted, tmp_path):
     metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and any(json.loads(l).get("step", 0) >= 5 for l in metrics.read_text().splitlines()):
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            if any(json.loads(line).get("step", 0) >= 5 for line in lines):
                 break
             time.sleep(0.01)
         assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stderr.read()[-2000:]}"

@@ -32,7 +32,7 @@ def make_fake_imagenet(root: Path, classes=("n01440764", "n01443537"), per_class
     """root/{train,val}/<wnid>/*.JPEG of random RGB images of assorted sizes; with `corrupt`, one
     file in train and one in val that are not images at all."""
     rng = np.random.default_rng(0)
-    for split, n in zip(("train", "val"), per_class):
+    for split, n in zip(("train", "val"), per_class, strict=True):
         for c, wnid in enumerate(classes):
             d = root / split / wnid
             d.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,10 @@ and plain Python values only, so `torch.load(path, weights_only=True)` reads it.
 | `ema` | `{"module": state dict, "updates": int}`, or None without EMA |
 | `optimizer` | `optimizer.state_dict()` |
 | `scaler` | `GradScaler.state_dict()` (`{}` when the scaler is off: fp32, bf16) |
-| `schedule` | the learning-rate schedule: `base_lr, total_steps, warmup_steps, warmup_lr, min_lr` (`training.optim.lr_at`) |
+| `schedule` | the lr schedule (`training.optim.lr_at`): base_lr, total_steps, warmup_steps, warmup_lr, min_lr |
 | `step` | optimizer steps done |
 | `epoch`, `batch_in_epoch` | the sampler position: the epoch, and the batches of it already consumed |
-| `rng` | one entry per rank: `{"torch": uint8 tensor, "cuda": [uint8 tensor per GPU], "numpy": {...}, "python": [...]}` |
+| `rng` | per rank: `{"torch": uint8 tensor, "cuda": [uint8 tensor per GPU], "numpy": {...}, "python": [...]}` |
 | `wandb_id` | the W&B run id, so a resumed run logs into the same run |
 | `config` | the run's resolved config, a plain dict |
 

@@ -105,7 +105,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "schedule.min_lr", lambda v: _num(v) and v >= 0, "must be >= 0")
 
     _check(cfg, "hardware.device", lambda v: v in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda")
-    _check(cfg, "hardware.precision", lambda v: v in ("auto", "fp32", "bf16", "fp16"), "must be auto, fp32, bf16 or fp16")
+    _check(cfg, "hardware.precision", lambda v: v in ("auto", "fp32", "bf16", "fp16"),
+           "must be auto, fp32, bf16 or fp16")
     _check(cfg, "hardware.dist_backend", lambda v: v in ("auto", "gloo", "nccl"), "must be auto, gloo or nccl")
     if cfg.hardware.device == "cpu" and cfg.hardware.dist_backend == "nccl":
         raise ConfigError("hardware.dist_backend='nccl': NCCL needs CUDA; use gloo with hardware.device=cpu")

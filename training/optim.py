@@ -52,9 +52,9 @@ class EMA:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         ema_p = list(self.module.parameters()) + list(self.module.buffers())
         model_p = list(model.parameters()) + list(model.buffers())
-        floats = [(e, m) for e, m in zip(ema_p, model_p) if e.dtype.is_floating_point]
+        floats = [(e, m) for e, m in zip(ema_p, model_p, strict=True) if e.dtype.is_floating_point]
         torch._foreach_lerp_([e for e, _ in floats], [m.detach() for _, m in floats], 1.0 - decay)
-        for e, m in zip(ema_p, model_p):
+        for e, m in zip(ema_p, model_p, strict=True):
             if not e.dtype.is_floating_point:
                 e.copy_(m)
 
