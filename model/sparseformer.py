@@ -1,6 +1,6 @@
 """SparseFormer v1: sparse visual recognition with a few latent tokens (arXiv 2304.03768).
 
-Faithful to the authors' trained code (see ../shared/docs/SPEC.md): where the paper's text and
+Faithful to the authors' trained code (docs/MODEL.md): where the paper's text and
 that code disagree, this file follows the code, so the released ImageNet weights load and give
 the same logits (`load_official_checkpoint`, at the bottom of this file).
 
@@ -23,12 +23,12 @@ from kernels.backend import BACKENDS
 
 from .hub import check_state_dict, find_state_dict, read_checkpoint
 
-LN_EPS = 1e-6  # every LayerNorm of the model (SPEC.md, end of "One sampling unit")
+LN_EPS = 1e-6  # every LayerNorm of the model (docs/MODEL.md, "A sampling block")
 STD_EPS = 1e-7  # inside the stem's channel standardisation and the sampling-offset standardisation
 
 
 def at_least_fp32(t: Tensor) -> Tensor:
-    """RoI and sampling-point geometry runs in fp32 under AMP (SPEC.md steps 2-3), fp64 stays fp64."""
+    """RoI and sampling-point geometry runs in fp32 under AMP (MODEL.md steps 2-3), fp64 stays fp64."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
@@ -116,7 +116,7 @@ class EarlyConvolution(nn.Module):
         x = F.relu(self.pool(x), inplace=True).permute(0, 2, 3, 1)  # (B, h, w, C) view, contiguous
         out_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
         x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        # (x - mean) / sqrt(var_unbiased + 1e-7) over channels (SPEC.md, early convolution), as one
+        # (x - mean) / sqrt(var_unbiased + 1e-7) over channels (MODEL.md, "Early convolution"), as one
         # layer_norm: with var_u = var * C / (C - 1) it equals sqrt((C-1)/C) * (x - mean) / sqrt(var + 1e-7 (C-1)/C).
         C = x.shape[-1]
         scale = x.new_full((C,), math.sqrt((C - 1) / C))
@@ -126,7 +126,7 @@ class EarlyConvolution(nn.Module):
 
 # ----------------------------------------------------------------------------- RoI geometry
 def adjust_rois(rois: Tensor, delta: Tensor) -> Tensor:
-    """RoI adjustment (SPEC.md step 2), in fp32.
+    """RoI adjustment (MODEL.md step 2), in fp32.
 
     rois (B, N, 4) as (x1, y1, x2, y2); delta (B, N, 4) as (dx, dy, dw, dh) ->
     centre += (dx, dy) * (w, h); (w, h) *= exp(dw, dh); re-encoded to (x1, y1, x2, y2). No clamping.
@@ -140,7 +140,7 @@ def adjust_rois(rois: Tensor, delta: Tensor) -> Tensor:
 
 
 def make_sampling_points(rois: Tensor, offsets: Tensor) -> Tensor:
-    """Sampling points (SPEC.md step 3), in fp32.
+    """Sampling points (MODEL.md step 3), in fp32.
 
     rois (B, N, 4); offsets (B, N, P, 2) raw (x, y) offsets -> points (B, N, P, 2) in image
     coordinates [0, 1]: the offsets standardised per token and axis over P,
@@ -169,7 +169,7 @@ def grid_init(n: int) -> Tensor:
 
 # ----------------------------------------------------------------------------- adaptive mixing
 class AdaptiveMixing(nn.Module):
-    """Per-token dynamic channel and spatial mixing of the sampled features (SPEC.md step 5).
+    """Per-token dynamic channel and spatial mixing of the sampled features (MODEL.md step 5).
 
     A generator LN -> Linear(d, d/4) -> Linear(d/4, C*C + P*P) gives, per token, Mc (C_in, C_out)
     and Ms (P_out, P_in); the mixed (P, C) tile is flattened point-major and projected to d.
@@ -238,12 +238,12 @@ class MultiheadSelfAttention(nn.Module):
 
 
 class CortexBlock(nn.Module):
-    """Pre-LN transformer block over the latent tokens: attention then FFN (SPEC.md steps 1, 6)."""
+    """Pre-LN transformer block over the latent tokens: attention then FFN (MODEL.md steps 1, 6)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: int = 4):
         super().__init__()
         self.ln_attn = layer_norm(dim)
-        # The trained code builds nn.MultiheadAttention(d, 64 if d >= 64 else d) (SPEC.md step 1).
+        # The trained code builds nn.MultiheadAttention(d, 64 if d >= 64 else d) (MODEL.md step 1).
         self.attn = MultiheadSelfAttention(dim, min(num_heads, dim))
         self.ffn = nn.Sequential(
             layer_norm(dim), nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim)
@@ -256,7 +256,7 @@ class CortexBlock(nn.Module):
 
 class SamplingBlock(CortexBlock):
     """A block that also adjusts the RoIs, samples the feature map and mixes what it sampled:
-    the focusing unit and cortex block 1 (SPEC.md steps 1-6, in that order)."""
+    the focusing unit and cortex block 1 (MODEL.md steps 1-6, in that order)."""
 
     def __init__(self, dim: int, num_heads: int, conv_dim: int, num_points: int, mlp_ratio: int = 4):
         super().__init__(dim, num_heads, mlp_ratio)
@@ -382,7 +382,7 @@ class SparseFormer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """SPEC.md "Initialisation": Linear trunc-normal 0.02, LN (1, 0), then the special heads."""
+        """MODEL.md "Initialisation": Linear trunc-normal 0.02, LN (1, 0), then the special heads."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -413,7 +413,7 @@ class SparseFormer(nn.Module):
         return rois
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters that skip weight decay besides norms, biases and 1-D params (SPEC.md recipe)."""
+        """Parameters that skip weight decay besides norms, biases and 1-D params (MODEL.md "Training recipe")."""
         return {"token_roi"}
 
     def check_input(self, x: Tensor) -> None:
@@ -437,7 +437,7 @@ class SparseFormer(nn.Module):
         B = x.shape[0]
         tokens = self.token_embedding.unsqueeze(0).expand(B, -1, -1)
         rois = self.token_roi.unsqueeze(0).expand(B, -1, -1)
-        grad_clamp = self.sampling_grad_scale / features.shape[1]  # +-(1/h_feat) * scale (SPEC.md step 4)
+        grad_clamp = self.sampling_grad_scale / features.shape[1]  # +-(1/h_feat) * scale (MODEL.md step 4)
         all_rois, all_points = [], []
         for i in range(self.focusing_repeats):
             tokens, rois, points = self.focusing(
@@ -461,13 +461,13 @@ class SparseFormer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- named variants
-# The released ImageNet-1K models (SPEC.md "Variants"), plus a CPU-sized one for the embedded demo data.
+# The released ImageNet-1K models (docs/MODEL.md "Variants"), plus a CPU-sized one for the embedded demo data.
 VARIANTS: dict[str, dict] = {
     "sparseformer_t": dict(num_tokens=49, focusing_dim=256, cortex_dim=512, cortex_depth=8, drop_path_rate=0.2),
     "sparseformer_s": dict(num_tokens=64, focusing_dim=320, cortex_dim=640, cortex_depth=8, drop_path_rate=0.3),
     "sparseformer_b": dict(num_tokens=81, focusing_dim=384, cortex_dim=768, cortex_depth=10, drop_path_rate=0.4),
-    # Sized for 1x100x100 cluttered-MNIST canvases on a 2-core CPU (tuning notes in
-    # conf/data_model/cluttered_mnist_sparseformer_nano.yaml).
+    # Sized for 1x100x100 cluttered-MNIST canvases on a 2-core CPU (tuning notes: docs/MODEL.md,
+    # "sparseformer_nano and the CPU demo").
     "sparseformer_nano": dict(
         num_tokens=25, num_points=16, conv_dim=32, focusing_dim=64, cortex_dim=128, cortex_depth=2,
         num_heads=8, drop_path_rate=0.0,

@@ -1,5 +1,5 @@
 """Test-wide setup. TRITON_INTERPRET must be set before any kernel module is imported, so that
-Triton decorates the kernels for its CPU interpreter (KERNELS.md); a GPU run can set it to 0."""
+Triton decorates the kernels for its CPU interpreter (docs/KERNELS.md); a GPU run can set it to 0."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -4,7 +4,7 @@ import torch
 
 from kernels import backend as kbackend
 
-# norm-wise relative error bounds against float64 (KERNELS.md, "Tolerances")
+# norm-wise relative error bounds against float64 (docs/KERNELS.md, "Tolerances")
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 

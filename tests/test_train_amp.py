@@ -1,5 +1,5 @@
 """AMP on the CPU: bf16 autocast, and fp16 with a GradScaler whose scale reaches the model's
-sampling-gradient clamp (model.sampling_grad_scale, SPEC.md step 4)."""
+sampling-gradient clamp (model.sampling_grad_scale, docs/MODEL.md step 4)."""
 from __future__ import annotations
 
 import json
