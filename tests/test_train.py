@@ -130,6 +130,29 @@ def test_eval_only_reproduces_the_final_evaluation(mnist_run, tmp_path, how):
         assert result["top1_ema"] == pytest.approx(json.loads((run_dir / "result.json").read_text())["top1_ema"])
 
 
+def test_fine_tuning_starts_from_the_given_weights(mnist_run, tmp_path, monkeypatch):
+    """model.pretrained=<our last.pt>: training starts from its raw weights (then trains)."""
+    run_dir, _, _ = mnist_run
+    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    at_start = []
+    real_instantiate = hydra.utils.instantiate
+
+    def spy(*args, **kwargs):
+        m = real_instantiate(*args, **kwargs)
+        at_start.append({k: v.clone() for k, v in m.state_dict().items()})
+        return m
+
+    monkeypatch.setattr(train_script.hydra.utils, "instantiate", spy)
+    cfg = compose_cfg([*TINY_MODEL, *TINY_MNIST, *FAST, "trainer.epochs=1", "logger.mode=disabled",
+                       "logger.num_roi_images=0", f"model.pretrained={run_dir / 'checkpoints' / 'last.pt'}",
+                       f"run_dir={tmp_path}"])
+    train_script.train(cfg, tmp_path)
+    (start,) = at_start
+    assert all(torch.equal(start[k], v) for k, v in saved.items())
+    trained = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert trained["step"] == 4 and not torch.equal(trained["model"]["token_roi"], saved["token_roi"])
+
+
 def test_visualize_draws_every_sampling_step(mnist_run, tmp_path):
     import visualize
 

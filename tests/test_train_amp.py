@@ -29,7 +29,7 @@ def test_amp_trains_and_feeds_the_loss_scale_to_the_sampling_clamp(precision, tm
     losses = [json.loads(line)["train/loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if "train/loss" in line]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
-    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     (model,) = built
     if precision == "fp16":
         assert state["scaler"]["scale"] > 1.0

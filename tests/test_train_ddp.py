@@ -18,7 +18,7 @@ def test_two_process_gloo_training_keeps_replicas_identical(tmp_path):
     assert len(run_dirs) == 1
     run_dir = run_dirs[0]
     assert (run_dir / ".hydra" / "config.yaml").is_file()
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert len(state["rng"]) == 2 and state["step"] == 4  # 32 samples / (2 ranks x 8) = 2 steps per epoch
     wandb_runs = find_run_files(run_dir)
     assert len(wandb_runs) == 1  # rank 0 only
@@ -41,7 +41,7 @@ def test_processes_option_relaunches_under_torchrun_in_one_run_dir(tmp_path):
     assert len(run_dirs) == 1 and run_dirs[0].parent.name != "torchrun", run_dirs
     run_dir = run_dirs[0]
     assert "launching 2 local processes of 1 thread(s) each" in (run_dir / "train.log").read_text()
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert len(state["rng"]) == 2 and state["step"] == 4  # 32 samples / (2 ranks x 8) x 2 epochs
     result = json.loads((run_dir / "result.json").read_text())
     assert result["world_size"] == 2 and result["step"] == 4 and 0 <= result["top1"] <= 100

@@ -43,7 +43,7 @@ def test_stopped_mid_epoch_then_resumed(uninterrupted, tmp_path):
     assert sorted(ref) == list(range(1, 13))
     # max_steps=6 stops in the middle of epoch 1 (4 steps per epoch)
     train_script.train(compose_cfg([*ARGS, f"run_dir={tmp_path}", "trainer.max_steps=6"]), tmp_path)
-    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (6, 1, 2)
     top1 = train_script.train(compose_cfg([*ARGS, f"run_dir={tmp_path}", "trainer.resume=auto"]), tmp_path)
     got = losses(tmp_path)
@@ -71,7 +71,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(uninterrupted, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)["step"]
+    saved = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"]
     assert saved >= 4 and saved % 2 == 0  # checkpoints every 2 steps and at every epoch end (4 steps)
     top1 = train_script.train(compose_cfg([*ARGS, f"run_dir={tmp_path}", "trainer.resume=auto"]), tmp_path)
     got = losses(tmp_path)
