@@ -34,7 +34,7 @@ from .mixing import (
     mix_flops,
 )
 from .sampling import (
-    _NAN,
+    _INF,
     _finish_point_grad,
     _gather,
     _point_setup,
@@ -89,7 +89,7 @@ def _sample_rows(p_fb, p_ptt, row0, P, T, H, W, C, s_ft, s_fh, s_fw, s_fc, s_pp,
     o_c = tl.arange(0, BLOCK_C)
     b_x = _gather(p_fb, o_c * s_fc, o_c < C, s_ft, s_fh, s_fw, i_x, b_wx0, b_wx1, m_x0, m_x1, i_y, b_wy0, b_wy1,
                   m_y0, m_y1, i_t, b_wt0, b_wt1, m_t0, m_t1, ROWS, BLOCK_C, COMPUTE, IS_3D)
-    return tl.where(finite[:, None], b_x, _NAN)
+    return tl.where(finite[:, None], b_x, _INF * 0.0)
 
 
 @triton.jit
@@ -194,9 +194,9 @@ def check_fused_inputs(features: Tensor, points: Tensor, params: Tensor, channel
                      channel_bias, spatial_bias)
 
 
-def _config(features: Tensor, points: Tensor, params: Tensor, P: int, C: int) -> dict:
+def _config(features: Tensor, points: Tensor, params: Tensor, P: int, C: int, backward: bool = False) -> dict:
     return dict(COMPUTE=_backend.compute_dtype(features, points), IS_3D=points.shape[-1] == 3,
-                **mix_config(P, C, params.dtype, _backend.target(features.device)))
+                **mix_config(P, C, params.dtype, _backend.target(features.device), backward))
 
 
 def sample_and_mix_fwd(features: Tensor, points: Tensor, params: Tensor, channel_bias: Tensor, spatial_bias: Tensor,
@@ -245,7 +245,7 @@ def sample_and_mix_bwd(grad_out: Tensor, features: Tensor, points: Tensor, param
             T, H, W, C, N, P, *clamps,
             *grad_out.stride(), *map_strides(features), *points.stride(), *params.stride(),
             *channel_bias.stride(), *spatial_bias.stride(),
-            HAS_CLAMP=clamp is not None, **_config(features, points, params, P, C),
+            HAS_CLAMP=clamp is not None, **_config(features, points, params, P, C, backward=True),
         )
     return d_points, d_params, dbc.sum(0).to(params.dtype), dbs.sum(0).to(params.dtype)
 

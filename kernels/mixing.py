@@ -326,12 +326,15 @@ def padded_mix_flops(P: int, C: int) -> tuple[int, int]:
     return P * C * C + P * P * C, rows * block_c * cols + rows * rows * cols
 
 
-def mix_config(P: int, C: int, dtype: torch.dtype, target: _backend.Target) -> dict:
+def mix_config(P: int, C: int, dtype: torch.dtype, target: _backend.Target, backward: bool = False) -> dict:
     """Constexprs and launch options shared by the forward, backward and fused kernels.
 
     4 warps and 32-wide output-channel blocks keep a token's working set small enough for several
-    tokens per SM; fewer pipeline stages where shared memory is tight (sm_86/sm_89: 99 KB per
-    block). Checked for every arch by `python -m kernels.aot` (registers, spills, shared memory).
+    tokens per SM; the backward holds the x gradient and four spatial-weight gradient tiles as
+    well, and takes 8 warps and 16-wide output blocks to stay within 255 registers without
+    spilling (4 warps spill ~160 bytes in bf16 on sm_90); fewer pipeline stages
+    where shared memory is tight (sm_86/sm_89: 99 KB per block). Checked for every arch by
+    `python -m kernels.aot` (registers, spills, shared memory).
     """
     pa, pb = row_blocks(P)
     block_c = max(16, triton.next_power_of_2(C))
@@ -345,8 +348,8 @@ def mix_config(P: int, C: int, dtype: torch.dtype, target: _backend.Target) -> d
         PB=max(pb, 16),
         HAS_B=pb > 0,
         BLOCK_C=block_c,
-        BLOCK_CO=min(16 if compact or fp64 else 32, block_c),
-        num_warps=4,
+        BLOCK_CO=min(16 if compact or fp64 or backward else 32, block_c),
+        num_warps=8 if backward else 4,
         num_stages=1 if compact or fp64 else 2,
     )
 
@@ -406,7 +409,7 @@ def adaptive_mix_bwd(grad_out: Tensor, x: Tensor, params: Tensor, channel_bias: 
             dx, dparams, dbc, dbs,
             N, P, C,
             *grad_out.stride(), *x.stride(), *params.stride(), *channel_bias.stride(), *spatial_bias.stride(),
-            **mix_config(P, C, x.dtype, _backend.target(dev)),
+            **mix_config(P, C, x.dtype, _backend.target(dev), backward=True),
         )
     return dx, dparams, dbc.sum(0).to(x.dtype), dbs.sum(0).to(x.dtype)
 

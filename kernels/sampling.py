@@ -6,7 +6,8 @@ Semantics (docs/KERNELS.md, "Sampling") are those of
 with the 4-D (image) or 5-D (video) map, grid order (x, y[, t]): coordinates are normalised to
 [0, 1] with 0 and 1 on the outer edges of the map, points outside read zeros. A point with a
 non-finite coordinate (NaN or +-inf, e.g. a diverged RoI) reads NaN in every channel, gets a NaN
-gradient and adds nothing to the map's gradient, on both backends and every device. The gradient
+gradient and adds nothing to the map's gradient; a non-finite output gradient makes its point's
+gradient NaN (even for a point outside the map); on both backends and every device. The gradient
 w.r.t. the points can be clamped element-wise (the authors' `RestrictGradNorm`, applied on these
 [0, 1] coordinates, one bound per axis).
 
@@ -31,7 +32,8 @@ from torch.utils.flop_counter import register_flop_formula
 from . import backend as _backend
 from .backend import check_inputs, check_points, resolve_backend
 
-_NAN = tl.constexpr(float("nan"))
+# (NaN is written `_INF * 0.0` in the kernels, never a global of its own: the JIT re-checks before
+# each launch that the globals a kernel used still compare equal, and NaN != NaN)
 _INF = tl.constexpr(float("inf"))
 
 
@@ -92,6 +94,9 @@ def sparse_sample_reference_backward(grad_out: Tensor, features: Tensor, points:
             grad, _map_view(features, compute), grid, 0, 0, False, [True, True]  # bilinear, zeros, align_corners=False
         )
     grad_f = grad_map.permute(0, *range(2, grad_map.dim()), 1).to(map_grad_dtype or features.dtype)
+    # NaN where the point is non-finite, and where a non-finite gradient reached it: ATen's CPU 2-D
+    # kernel lets a NaN g through corners outside the map, its CUDA and 3-D kernels do not
+    marker = torch.where(torch.isfinite(grad).all(1), marker, float("nan"))
     grad_p = (grad_grid * 2.0 + marker.unsqueeze(-1)).to(points.dtype)  # d(2p - 1)/dp = 2
     return grad_f, grad_p
 
@@ -189,8 +194,8 @@ def _scatter_reduce(b_g, p_fb, p_dfb, o_c, o_dc, m_c, s_t, s_h, s_w, d_t, d_h, d
                                         b_wy0, b_wy1, m_y0, m_y1, i_t, b_wt0, b_wt1, m_t0, m_t1, IS_3D)
                 m2 = m[:, None] & m_c[None, :]
                 b_v = tl.load(p_fb + o[:, None] + o_c[None, :], mask=m2, other=0).to(COMPUTE)
-                # corners outside the map contribute nothing, even where g is NaN (as ATen's backward)
-                b_gv = tl.sum(tl.where(m2, b_g * b_v, 0), axis=1)
+                # unmasked: a non-finite g reaches the point's gradient even through corners outside the map
+                b_gv = tl.sum(b_g * b_v, axis=1)
                 # d/dix of prod_a w_a(i_a) at this corner: the x weight's derivative is -1 (lower) or +1 (upper)
                 b_dx += (b_gv * b_wy * b_wt) if dx else -(b_gv * b_wy * b_wt)
                 b_dy += (b_gv * b_wx * b_wt) if dy else -(b_gv * b_wx * b_wt)
@@ -209,7 +214,7 @@ def _finish_point_grad(b_d, size, clamp, finite, HAS_CLAMP: tl.constexpr):
     b_d = b_d * size
     if HAS_CLAMP:
         b_d = tl.clamp(b_d, -clamp, clamp, propagate_nan=tl.PropagateNan.ALL)
-    return tl.where(finite, b_d, _NAN)
+    return tl.where(finite, b_d, _INF * 0.0)
 
 
 @triton.jit
@@ -242,7 +247,7 @@ def sparse_sample_fwd_kernel(
         m_c = o_c < C
         b_o = _gather(p_fb, o_c * s_fc, m_c, s_ft, s_fh, s_fw, i_x, b_wx0, b_wx1, m_x0, m_x1, i_y, b_wy0, b_wy1,
                       m_y0, m_y1, i_t, b_wt0, b_wt1, m_t0, m_t1, BLOCK_Q, BLOCK_C, COMPUTE, IS_3D)
-        b_o = tl.where(finite[:, None], b_o, _NAN)
+        b_o = tl.where(finite[:, None], b_o, _INF * 0.0)
         tl.store(p_ob + o_c[None, :], b_o.to(p_o.dtype.element_ty), mask=m_q[:, None] & m_c[None, :])
 
 
