@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 # torch is installed first, on its own, so that the other requirements never pull another build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup train test lint bench clean
+.PHONY: setup train test lint bench validate aot clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,14 @@ lint: setup
 
 bench: setup
 	$(VPY) benchmark.py
+
+# on a CUDA GPU: correctness, determinism, the model and timings of the kernels (docs/KERNELS.md)
+validate: setup
+	TRITON_INTERPRET=0 $(VPY) -m kernels.validate --out outputs/validate
+
+# without a GPU: build every kernel for A100, RTX 30xx/A10, RTX 40xx/L4/L40S, H100 and check the limits
+aot: setup
+	TRITON_INTERPRET=0 $(VPY) -m kernels.aot --arch 80,86,89,90
 
 clean:
 	rm -rf $(VENV) outputs multirun wandb .pytest_cache

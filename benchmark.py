@@ -539,6 +539,7 @@ def run_kernels(cfg: DictConfig, device: torch.device, run_dir: Path) -> list[di
             writer.writeheader()
             writer.writerows(rows)
     (run_dir / "kernels.json").write_text(json.dumps({"meta": machine_info(device), "rows": rows}, indent=1))
+    print(f"kernel benchmark written to {run_dir}/kernels.txt, kernels.csv and kernels.json")
     return rows
 
 

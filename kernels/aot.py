@@ -1,105 +1,225 @@
-"""Ahead-of-time build of every kernel for a CUDA target, without a GPU.
+"""Ahead-of-time build of every kernel for CUDA targets, without a GPU.
 
-    TRITON_INTERPRET=0 python -m kernels.aot            # sm_90 (H100), the paper shapes P = 36, C = 96
+    python -m kernels.aot --arch 80,86,89,90          # A100, RTX 30xx/A10, RTX 40xx/L4/L40S, H100/H200
+    python -m kernels.aot --arch 90 --dtypes bf16 --json aot.json
 
-Runs Triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas that ships in
-the triton wheel) and reports registers, spilled bytes and shared memory per kernel and dtype.
-This catches what the CPU interpreter cannot: dot operand minimums, shared-memory overflow,
-register spills, lowering errors. It says nothing about speed.
+The kernels are compiled by Triton's own JIT path (`JITFunction.run(..., warmup=True)`) from the
+real host wrappers called on CPU tensors of SparseFormer-T's shapes (B = 2, 49 tokens, P = 36,
+C = 96, a 56 x 56 map; 8 frames for the video kernels), with a stand-in driver that reports the
+chosen arch. So every kernel gets exactly the specialization a launch on that GPU would give it
+(16-divisible pointers and ints, value-1 constexprs) and the launch configuration picked for that
+arch's shared memory (kernels.backend.target). The full pipeline runs (TTIR -> TTGIR -> LLVM ->
+PTX -> cubin with the ptxas in the triton wheel) and this prints registers, spilled bytes, shared
+memory and the global atomics of the SASS (fenced `ATOMG` vs fire-and-forget `RED`) per kernel.
+
+Exits non-zero when a kernel needs more shared memory than its arch allows per block or a
+16-bit kernel spills registers. It says nothing about speed. Needs TRITON_INTERPRET unset.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
-from triton.compiler import ASTSource
+import torch
 
-from . import mixing, sampling
+from . import backend as _backend
 
-SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # bytes of shared memory one block may use
-TL = {"fp32": tl.float32, "fp64": tl.float64}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+KERNELS = ("sparse_sample_fwd_kernel", "sparse_sample_bwd_kernel", "adaptive_mix_fwd_kernel",
+           "adaptive_mix_bwd_kernel", "sample_mix_fwd_kernel", "sample_mix_bwd_kernel")
+
+
+class _OfflineDriver:
+    """The parts of a Triton driver that compiling (not launching) a kernel asks for."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+class _Capture:
+    """Stands in for a @triton.jit kernel in its module: `kernel[grid](...)` compiles and records."""
+
+    def __init__(self, fn, sink: list):
+        self.fn, self.sink = fn, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.sink.append((self.fn.__name__, self.fn.run(*args, grid=grid, warmup=True, **kwargs), kwargs))
+        return launch
+
+
+@contextlib.contextmanager
+def offline_build(arch: int, sink: list):
+    """Within: host wrappers compile their kernels for sm_{arch} into `sink` instead of launching them."""
+    from triton.runtime.driver import driver
+
+    from . import fused, mixing, sampling
+
+    if _backend.triton_interpreter_enabled():
+        raise RuntimeError("kernels.aot compiles for a GPU: run it with TRITON_INTERPRET unset "
+                           "(e.g. TRITON_INTERPRET=0 python -m kernels.aot)")
+    modules = [m for m in (sampling, mixing, fused) for name in KERNELS if hasattr(m, name)]
+    saved = {(m, name): getattr(m, name) for m in set(modules) for name in KERNELS if hasattr(m, name)}
+    previous = driver._active  # None, or a real driver: restored as it was (there may be no GPU driver)
+    driver.set_active(_OfflineDriver(arch))
+    try:
+        for (m, name), fn in saved.items():
+            fn.device_caches.clear()  # the binder caches the target per device
+            setattr(m, name, _Capture(fn, sink))
+        with _backend.use_target(_backend.target_for_arch(arch)):
+            yield
+    finally:
+        for (m, name), fn in saved.items():
+            setattr(m, name, fn)
+            fn.device_caches.clear()
+        driver._active = previous
+
+
+def _nvidia_tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise RuntimeError(f"{name} not found at {path}: this triton wheel does not ship the NVIDIA tools")
+    return path
 
 
 def _ptxas_stats(ptx: str, arch: int) -> tuple[int, int]:
     """(registers, spilled bytes) from `ptxas -v`, with the ptxas that Triton itself uses for `arch`."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
     target = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)  # e.g. sm_90a
-    ptxas = get_ptxas(arch).path
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        log = subprocess.run([ptxas, f"-arch={target}", "-v", f.name, "-o", os.devnull],
+        log = subprocess.run([get_ptxas(arch).path, f"-arch={target}", "-v", f.name, "-o", os.devnull],
                              capture_output=True, text=True)
         if log.returncode:
             raise RuntimeError(f"ptxas failed on the generated PTX:\n{log.stderr}")
-        log = log.stderr
     finally:
         os.unlink(f.name)
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = re.search(r"(\d+) bytes spill stores", log)
+    regs = re.search(r"Used (\d+) registers", log.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", log.stderr)
     return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0
 
 
-def _build(fn, pointer_types: dict, constexprs: dict, options: dict, arch: int) -> dict:
-    signature = {
-        name: "constexpr" if name in constexprs else pointer_types.get(name, "i32") for name in fn.arg_names
-    }
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                            target=GPUTarget("cuda", arch, 32), options=options)
+def sass_atomics(cubin: bytes) -> dict:
+    """Global atomics and GPU-wide fences in the SASS: `RED` (no value returned: fire-and-forget),
+    `ATOMG` (returns a value), `MEMBAR...GPU` (the fences an acq_rel atomic sits between; block-level
+    `MEMBAR.ALL.CTA` around shared-memory exchanges is not counted)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(f.name)
+    return {"red": len(re.findall(r"\bREDG?\.", sass)), "atomg": len(re.findall(r"\bATOMG\.", sass)),
+            "membar_gpu": len(re.findall(r"\bMEMBAR\.\S*GPU", sass))}
+
+
+def kernel_facts(name: str, kernel, arch: int, dtype: str, variant: str, num_warps: int) -> dict:
+    """One report row for a compiled kernel (a triton CompiledKernel)."""
     regs, spills = _ptxas_stats(kernel.asm["ptx"], arch)
-    return dict(kernel=fn.__name__, registers=regs, spill_bytes=spills, shared_bytes=kernel.metadata.shared,
-                num_warps=options["num_warps"])
+    limit = _backend.SHARED_BYTES[arch]
+    shared = int(kernel.metadata.shared)
+    row = dict(kernel=name, variant=variant, dtype=dtype, arch=f"sm_{arch}", num_warps=num_warps, registers=regs,
+               spill_bytes=spills, shared_bytes=shared, shared_limit=limit, fits=shared <= limit,
+               **sass_atomics(kernel.asm["cubin"]))
+    row["ok"] = row["fits"] and not (dtype in ("bf16", "fp16") and spills > 0)
+    return row
 
 
-def build_all(arch: int = 90, P: int = 36, C: int = 96, dtypes=("bf16", "fp16", "fp32", "fp64")) -> list[dict]:
-    """Compile the four kernels for `sm_{arch}` at (P, C) for each input dtype; one dict per kernel."""
-    import torch
+def _calls(dtype: torch.dtype, ndim: int):
+    """The host-wrapper calls that launch every kernel once at SparseFormer-T's shapes."""
+    from . import fused, mixing, sampling
 
+    B, N, P, C, HW, T = 2, 49, 36, 96, 56, 8
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    fmap = torch.zeros((B, HW, HW, C) if ndim == 2 else (B, T, HW, HW, C), dtype=dtype)
+    points = torch.zeros(B, N, P, ndim, dtype=pdt)
+    x = torch.zeros(B, N, P, C, dtype=dtype)
+    params = torch.zeros(B, N, C * C + P * P, dtype=dtype)
+    bc, bs = torch.zeros(C, dtype=dtype), torch.zeros(P, dtype=dtype)
+    acc = torch.zeros(fmap.shape, dtype=_backend.accumulate_dtype(dtype))
+    clamp = [1.0 / HW] * ndim
+    yield lambda: sampling.sparse_sample_fwd(fmap, points, "triton")
+    yield lambda: sampling.sparse_sample_bwd(x, fmap, points, acc, clamp, "triton")
+    if ndim == 2:
+        yield lambda: mixing.adaptive_mix_fwd(x, params, bc, bs, "triton")
+        yield lambda: mixing.adaptive_mix_bwd(x, x, params, bc, bs, "triton")
+    yield lambda: fused.sample_and_mix_fwd(fmap, points, params, bc, bs, "triton")
+    yield lambda: fused.sample_and_mix_bwd(x, fmap, points, params, bc, bs, acc, clamp, "triton")
+
+
+def build_all(arch: int = 90, dtypes=tuple(DTYPES), ndims=(2, 3)) -> list[dict]:
+    """Compile every kernel for sm_{arch}, for each input dtype and map dimensionality; one dict each."""
     rows = []
     for dt in dtypes:
-        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-                       "fp64": torch.float64}[dt]
-        acc = "fp64" if dt == "fp64" else "fp32"  # compute dtype, gradient buffers and bias partials
-        pt = acc  # points: fp32 (fp64 with fp64 maps)
-        compute = TL[acc]
-        block_q, block_c = sampling._sample_blocks(C)
-        blocks = dict(COMPUTE=compute, BLOCK_Q=block_q, BLOCK_C=block_c)
-        opts = dict(num_warps=4)
-        rows.append(_build(sampling.sparse_sample_fwd_kernel,
-                           {"p_f": f"*{dt}", "p_pt": f"*{pt}", "p_o": f"*{dt}"}, blocks, opts, arch))
-        rows.append(_build(sampling.sparse_sample_bwd_kernel,
-                           {"p_do": f"*{dt}", "p_f": f"*{dt}", "p_pt": f"*{pt}", "p_df": f"*{acc}",
-                            "p_dpt": f"*{pt}", "clamp": "fp32"},
-                           dict(HAS_CLAMP=True, **blocks), opts, arch))
-        cfg = mixing._launch_config(torch.empty(1, 1, P, C, dtype=torch_dtype, device="meta"))
-        opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-        for fn in (mixing.adaptive_mix_fwd_kernel, mixing.adaptive_mix_bwd_kernel):
-            ptrs = {name: f"*{dt}" for name in fn.arg_names if name.startswith("p_")}
-            ptrs.update({name: f"*{acc}" for name in ("p_dbc", "p_dbs") if name in ptrs})  # bias partials
-            rows.append(_build(fn, ptrs, cfg, opts, arch))
-        for row in rows[-4:]:
-            row.update(dtype=dt, arch=f"sm_{arch}", P=P, C=C,
-                       fits=row["shared_bytes"] <= SHARED_LIMIT.get(arch, SHARED_LIMIT[80]))
+        for ndim in ndims:
+            sink: list = []
+            with offline_build(arch, sink):
+                for call in _calls(DTYPES[dt], ndim):
+                    call()
+            for name, kernel, kwargs in sink:
+                rows.append(kernel_facts(name, kernel, arch, dt, f"{ndim}d", kwargs.get("num_warps", 4)))
     return rows
 
 
-def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("--P", type=int, default=36)
-    parser.add_argument("--C", type=int, default=96)
-    args = parser.parse_args(argv)
-    rows = build_all(args.arch, args.P, args.C)
-    print(f"triton {triton.__version__}, sm_{args.arch}, P={args.P}, C={args.C}")
+def format_rows(rows: list[dict]) -> str:
+    lines = []
     for r in rows:
-        print(f"{r['kernel']:26s} {r['dtype']:5s} warps={r['num_warps']} regs={r['registers']:3d} "
-              f"spill={r['spill_bytes']:6d} B shared={r['shared_bytes']:6d} B fits={r['fits']}")
+        flag = "" if r["ok"] else "  <-- " + ("over the shared-memory limit" if not r["fits"] else "16-bit spills")
+        lines.append(f"{r['arch']:6s} {r['kernel']:26s} {r['variant']} {r['dtype']:5s} warps={r['num_warps']} "
+                     f"regs={r['registers']:3d} spill={r['spill_bytes']:5d} B shared={r['shared_bytes']:6d}/"
+                     f"{r['shared_limit']} B atomics: red={r['red']} atomg={r['atomg']} gpu-fences={r['membar_gpu']}{flag}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    # triton 3.9 warns when this is unset; 1 is its default and triton 3.6's behaviour
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import triton
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="90", help="comma-separated compute capabilities, e.g. 80,86,89,90")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated: bf16,fp16,fp32,fp64")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    archs = [int(a) for a in args.arch.split(",")]
+    dtypes = args.dtypes.split(",")
+    unknown = [a for a in archs if a not in _backend.SHARED_BYTES] + [d for d in dtypes if d not in DTYPES]
+    if unknown:
+        parser.error(f"unknown arch/dtype {unknown}; archs: {sorted(_backend.SHARED_BYTES)}, dtypes: {list(DTYPES)}")
+    print(f"triton {triton.__version__}, torch {torch.__version__}; SparseFormer-T shapes (P=36, C=96, 56x56 map)")
+    rows = []
+    for arch in archs:
+        rows += build_all(arch, dtypes)
+        print(format_rows([r for r in rows if r["arch"] == f"sm_{arch}"]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if not r["ok"]]
+    print(f"{len(rows)} kernels built, {len(bad)} over a limit")
+    if bad:
+        sys.exit(1)
     return rows
 
 

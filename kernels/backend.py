@@ -1,22 +1,38 @@
-"""The one dispatch point between the Triton kernels and the PyTorch references.
+"""The one dispatch point between the Triton kernels and the PyTorch references, and the facts
+about the target that the launch configurations depend on.
 
 `backend="auto"` picks Triton for CUDA tensors and the reference otherwise;
 `"triton"` on CPU tensors is allowed only under Triton's interpreter
-(`TRITON_INTERPRET=1`), which is how the CPU test-suite exercises the kernels.
+(`TRITON_INTERPRET=1` set before `kernels` is imported), which is how the CPU test-suite
+exercises the kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from dataclasses import dataclass
 
 import torch
 import triton.language as tl
 
 BACKENDS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+POINT_DTYPES = (torch.float32, torch.float64)
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+# Triton decides at decoration time (when the kernel modules are imported) whether a kernel runs
+# compiled or in the interpreter; the environment is read once here, beside those imports.
+INTERPRETER_AT_IMPORT = _interpret_env()
 
 
 def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+    """True when the kernels were decorated for Triton's CPU interpreter."""
+    return INTERPRETER_AT_IMPORT
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -25,16 +41,28 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and not triton_interpreter_enabled():
+    if backend == "triton" and device.type != "cuda":
+        if INTERPRETER_AT_IMPORT:
+            return backend
+        if _interpret_env():
+            raise RuntimeError(
+                "backend='triton' on CPU: TRITON_INTERPRET=1 was set after `kernels` was imported, so the kernels "
+                "were built for a GPU; set it before the first `import kernels` (e.g. on the command line: "
+                "TRITON_INTERPRET=1 python ...)"
+            )
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got {device}); on CPU use backend='torch' "
             "or set TRITON_INTERPRET=1 before importing `kernels` to run the kernels in Triton's interpreter"
         )
+    if backend == "triton" and INTERPRETER_AT_IMPORT:
+        # interpreted kernels on CUDA tensors would copy every tensor to the host and back
+        raise RuntimeError("backend='triton' on CUDA tensors, but TRITON_INTERPRET=1 built the kernels for the CPU "
+                           "interpreter; unset it to run them compiled")
     return backend
 
 
 def check_inputs(op: str, **tensors: torch.Tensor) -> None:
-    """Same device and same floating dtype for every tensor of one op, or a ValueError naming them."""
+    """Same device and a floating dtype for every tensor of one op, or a ValueError naming them."""
     items = list(tensors.items())
     for name, t in items:
         if not isinstance(t, torch.Tensor):
@@ -55,6 +83,17 @@ def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{op}: {name} is {t.dtype} but {name0} is {t0.dtype}; cast them to one dtype")
 
 
+def check_points(op: str, points: torch.Tensor, features: torch.Tensor) -> None:
+    """Sampling coordinates are fp32 (fp64 with an fp64 map): a 16-bit coordinate would be quantised
+    (bf16 resolves 1/256 of the image near its far edge, coarser than a pixel of a 56-pixel map)."""
+    if points.dtype not in POINT_DTYPES:
+        raise ValueError(f"{op}: points are {points.dtype}; sampling coordinates must be float32 (or float64), "
+                         "16-bit coordinates would be quantised: pass points.float()")
+    if (features.dtype == torch.float64) != (points.dtype == torch.float64):
+        raise ValueError(f"{op}: points are {points.dtype} but features are {features.dtype}; float64 maps take "
+                         "float64 points and the other way round: cast them to one precision")
+
+
 def empty_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocate a buffer that a kernel must write in full.
 
@@ -64,9 +103,94 @@ def empty_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Te
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def compute_dtype(*tensors: torch.Tensor):
-    """Triton compute dtype: fp64 inputs stay fp64 (so gradcheck runs on the kernels), the rest run in fp32.
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of gradient accumulators and bias partials: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    fp16/bf16 are upcast right after `tl.load` (bf16 arithmetic is wrong in Triton's interpreter).
-    """
+
+def compute_dtype(*tensors: torch.Tensor):
+    """Triton accumulation dtype: fp64 inputs stay fp64 (so gradcheck runs on the kernels), the rest fp32."""
     return tl.float64 if any(t.dtype == torch.float64 for t in tensors) else tl.float32
+
+
+def dot_dtype(dtype: torch.dtype):
+    """Operand dtype of `tl.dot`: 16-bit tiles go to the tensor cores as they are on a GPU; under the
+    interpreter they are upcast first (its bf16 arithmetic and dots are wrong)."""
+    if dtype == torch.float64:
+        return tl.float64
+    if dtype in (torch.float16, torch.bfloat16) and not INTERPRETER_AT_IMPORT:
+        return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+    return tl.float32
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp64: exact fp64 dots. fp16/bf16: exact (their products fit fp32). fp32: torch's own knob, so
+    fp32 stays IEEE unless the user opted into TF32 with torch.set_float32_matmul_precision."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def check_deterministic(op: str) -> None:
+    """As ATen's `alert_not_deterministic`: an error (a warning with warn_only=True) under
+    `torch.use_deterministic_algorithms(True)`, for ops whose float atomics make the result depend
+    on the order in which programs run."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    msg = (f"{op} does not have a deterministic implementation (the feature-map gradient is accumulated with "
+           "atomic adds), but you set 'torch.use_deterministic_algorithms(True)'. Use backend='torch' for this "
+           "model, or torch.use_deterministic_algorithms(True, warn_only=True) to accept it; everything else "
+           "these kernels compute is reproducible run to run.")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(msg, stacklevel=3)
+    else:
+        raise RuntimeError(msg)
+
+
+# ----------------------------------------------------------------------------- target facts
+@dataclass(frozen=True)
+class Target:
+    """What the launch configurations depend on: the compute capability and the shared memory one
+    block may use (the opt-in maximum, which Triton requests for kernels that need it)."""
+
+    arch: int
+    shared_bytes: int
+
+
+# Opt-in shared memory per block, by compute capability (CUDA C programming guide, "Compute
+# capabilities"): A100 163 KB, RTX 30xx/40xx, A10, L4, L40S 99 KB, H100/H200 227 KB.
+SHARED_BYTES = {70: 96 * 1024, 75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
+                90: 227 * 1024}
+_INTERPRETER_TARGET = Target(arch=0, shared_bytes=1 << 30)
+_override: Target | None = None
+
+
+def target_for_arch(arch: int) -> Target:
+    if arch not in SHARED_BYTES:
+        raise ValueError(f"unknown CUDA arch sm_{arch}; known: {sorted(SHARED_BYTES)}")
+    return Target(arch, SHARED_BYTES[arch])
+
+
+def target(device: torch.device) -> Target:
+    """The target the kernels are built for on `device`: the interpreter (no limits), an ahead-of-time
+    build (`use_target`), or the CUDA device's own properties."""
+    if _override is not None:
+        return _override
+    if device.type != "cuda":
+        return _INTERPRETER_TARGET
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = 10 * major + minor
+    props = torch.cuda.get_device_properties(device)
+    shared = getattr(props, "shared_memory_per_block_optin", None) or SHARED_BYTES.get(arch, 99 * 1024)
+    return Target(arch, int(shared))
+
+
+@contextlib.contextmanager
+def use_target(t: Target):
+    """Pick launch configurations for `t` instead of the current device (kernels.aot)."""
+    global _override
+    previous, _override = _override, t
+    try:
+        yield t
+    finally:
+        _override = previous

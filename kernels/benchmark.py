@@ -1,61 +1,87 @@
-"""Kernel benchmarks: each Triton kernel against the PyTorch chain it replaces, at SparseFormer shapes.
+"""Kernel benchmarks: each Triton op against the eager PyTorch chain it replaces, at SparseFormer shapes.
 
-    python -m kernels.benchmark --device cuda            # Triton vs reference, both passes
+    python -m kernels.benchmark --device cuda                    # Triton vs reference, both passes
     python -m kernels.benchmark --device cpu --batch-sizes 1 2   # reference only
 
-Every row reports the median time over `repeats` timed calls after warm-up, the minimum bytes
-(each input read once, each output written once), the achieved GB/s and the % of the
-memory-bandwidth floor (KERNELS.md, "Floors"). On CUDA the L2 cache is flushed before every
-timed call and calls are timed with CUDA events. On CPU only the references run (Triton needs
-a GPU outside its interpreter, and interpreter timings mean nothing), which every row says.
+Shapes come from the model's own variants (model/sparseformer.py VARIANTS: tokens, points,
+channels) with the stem's 56 x 56 map at 224 px. Every row reports the median time over `repeats`
+timed calls after warm-up, the minimum bytes (each input read once, each output written once), the
+achieved GB/s and, on a GPU, the % of the memory-bandwidth floor (docs/KERNELS.md, "Floors"; the
+bandwidth is a measured device copy, `measure_copy_bandwidth`, unless given). On CUDA the L2
+cache is flushed before every timed call and calls are timed with CUDA events. On CPU only the
+references run (Triton needs a GPU outside its interpreter, and interpreter timings mean nothing),
+which every row says; no % of floor is given there.
+
+Reference chains, under eager autograd for "fwd+bwd": sampling = F.grid_sample on the
+channels-last map's NCHW view + permutes; mixing = baddbmm + GELU + baddbmm + GELU; fused = both.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 from typing import Callable, Sequence
 
 import torch
 
-from .mixing import _mix_flops, adaptive_mix, adaptive_mix_reference
+from .fused import sample_and_mix, sample_and_mix_reference
+from .mixing import adaptive_mix, adaptive_mix_reference, mix_flops
 from .sampling import sparse_sample, sparse_sample_reference
 
-# Tokens per image for the named variants; every variant samples P = 36 points per token from
-# a C = 96 channel, 56 x 56 feature map (stem output at 224 px).
-VARIANTS = {"sparseformer_t": 49, "sparseformer_s": 64, "sparseformer_b": 81}
-P_POINTS, CHANNELS, MAP_HW = 36, 96, 56
+MAP_HW = 56  # the stem's output at 224 px
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-H100_BANDWIDTH = 3.0e12  # B/s, the lent H100's measured device-copy bandwidth (KERNELS.md)
 CPU_MAX_BATCH = 8  # larger batches are skipped on CPU: the references alone take seconds there
+KERNELS = ("sparse_sample", "adaptive_mix", "sample_and_mix")
 
 
-def _sampling_case(B: int, N: int, dtype: torch.dtype, device: str):
-    """Inputs and minimum bytes (fwd, bwd) of sparse_sample. Points stay fp32 (token geometry)."""
-    features = torch.randn(B, MAP_HW, MAP_HW, CHANNELS, device=device, dtype=dtype)
-    points = torch.rand(B, N, P_POINTS, 2, device=device)
-    grad_out = torch.randn(B, N, P_POINTS, CHANNELS, device=device, dtype=dtype)
-    nbytes = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-    fwd = nbytes(features, points, grad_out)  # map + points read, output (same size as grad_out) written
-    bwd = nbytes(grad_out, features, points) + nbytes(features, points)  # + both gradients written
-    return (features, points), grad_out, fwd, bwd
+def variant_shapes(name: str) -> tuple[int, int, int]:
+    """(tokens N, points P, channels C) of a registered SparseFormer variant."""
+    from model.sparseformer import VARIANTS, SparseFormer
+
+    if name not in VARIANTS:
+        raise ValueError(f"unknown SparseFormer variant {name!r}; known: {sorted(VARIANTS)}")
+    defaults = {k: v.default for k, v in inspect.signature(SparseFormer.__init__).parameters.items()}
+    cfg = {**defaults, **VARIANTS[name]}
+    return cfg["num_tokens"], cfg["num_points"], cfg["conv_dim"]
 
 
-def _mixing_case(B: int, N: int, dtype: torch.dtype, device: str):
-    """Inputs and minimum bytes (fwd, bwd) of adaptive_mix."""
-    P, C = P_POINTS, CHANNELS
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def make_case(kernel: str, B: int, N: int, P: int, C: int, dtype: torch.dtype, device: str):
+    """(inputs, grad_out, forward floor bytes, backward floor bytes) of one op. Points stay fp32."""
     kw = dict(device=device, dtype=dtype)
-    inputs = (
-        torch.randn(B, N, P, C, **kw),
-        torch.randn(B, N, C, C, **kw) / C**0.5,
-        torch.randn(C, **kw),
-        torch.randn(B, N, P, P, **kw) / P**0.5,
-        torch.randn(P, **kw),
-    )
+    features = torch.randn(B, MAP_HW, MAP_HW, C, **kw)
+    points = torch.rand(B, N, P, 2, device=device)
+    x = torch.randn(B, N, P, C, **kw)
+    params = torch.cat([torch.randn(B, N, C * C, **kw) / C**0.5, torch.randn(B, N, P * P, **kw) / P**0.5], dim=-1)
+    bc, bs = torch.randn(C, **kw), torch.randn(P, **kw)
     grad_out = torch.randn(B, N, P, C, **kw)
-    in_bytes = sum(t.numel() * t.element_size() for t in inputs)
-    out_bytes = grad_out.numel() * grad_out.element_size()
-    return inputs, grad_out, in_bytes + out_bytes, out_bytes + 2 * in_bytes
+    fp32_map = features.numel() * 4  # the map gradient is accumulated in fp32
+    if kernel == "sparse_sample":
+        inputs = (features, points)
+        fwd = nbytes(features, points, grad_out)
+        bwd = nbytes(grad_out, features, points) + fp32_map + nbytes(points)
+    elif kernel == "adaptive_mix":
+        inputs = (x, params, bc, bs)
+        fwd = nbytes(*inputs, grad_out)
+        bwd = nbytes(grad_out, *inputs) + nbytes(*inputs)
+    else:
+        inputs = (features, points, params, bc, bs)
+        fwd = nbytes(*inputs, grad_out)
+        bwd = nbytes(grad_out, *inputs) + fp32_map + nbytes(points, params, bc, bs)
+    return inputs, grad_out, fwd, bwd
+
+
+def _ops(kernel: str) -> tuple[Callable, Callable]:
+    """(Triton op, eager reference chain) of a kernel."""
+    if kernel == "sparse_sample":
+        return (lambda f, p: sparse_sample(f, p, backend="triton")), sparse_sample_reference
+    if kernel == "adaptive_mix":
+        return (lambda *a: adaptive_mix(*a, backend="triton")), adaptive_mix_reference
+    return (lambda *a: sample_and_mix(*a, backend="triton")), sample_and_mix_reference
 
 
 def _pass_fn(op: Callable, inputs: Sequence[torch.Tensor], grad_out: torch.Tensor, which: str) -> Callable:
@@ -95,6 +121,14 @@ def _time_ms(fn: Callable, device: str, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def measure_copy_bandwidth(device: str = "cuda", mib: int = 1024, repeats: int = 20) -> float:
+    """Device-to-device copy bandwidth in B/s (read + write counted), the floors' denominator."""
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), device, repeats, warmup=3)
+    return 2 * src.numel() / (ms * 1e-3)
+
+
 def run_kernel_benchmarks(
     device: str = "cuda",
     dtypes: Sequence[str] = ("bf16", "fp32"),
@@ -102,47 +136,35 @@ def run_kernel_benchmarks(
     variants: Sequence[str] = ("sparseformer_t", "sparseformer_s", "sparseformer_b"),
     repeats: int = 20,
     passes: Sequence[str] = ("fwd", "fwd+bwd"),
-    peak_bandwidth: float = H100_BANDWIDTH,
+    peak_bandwidth: float | None = None,
     warmup: int = 3,
+    kernels: Sequence[str] = KERNELS,
 ) -> list[dict]:
-    """Time sparse_sample and adaptive_mix (Triton on CUDA) against their reference chains.
-
-    Reference chains: sampling = F.grid_sample on the channels-last map's NCHW view + permutes
-    (`sparse_sample_reference`); mixing = baddbmm + GELU + baddbmm + GELU
-    (`adaptive_mix_reference`); both under plain eager autograd for "fwd+bwd".
-    Returns one dict per (variant, kernel, pass, dtype, batch, impl).
-    """
+    """Time each op (Triton on CUDA) against its reference chain. peak_bandwidth: B/s for the floor
+    (measured on the device when None; no floor on CPU). Returns one dict per (variant, kernel,
+    pass, dtype, batch, impl)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("run_kernel_benchmarks(device='cuda') needs a CUDA device; use device='cpu' for the references")
-    unknown = [v for v in variants if v not in VARIANTS] + [d for d in dtypes if d not in DTYPES]
-    unknown += [p for p in passes if p not in ("fwd", "fwd+bwd")]
+    unknown = [d for d in dtypes if d not in DTYPES] + [p for p in passes if p not in ("fwd", "fwd+bwd")]
+    unknown += [k for k in kernels if k not in KERNELS]
     if unknown:
-        raise ValueError(f"unknown variants/dtypes/passes {unknown}; known: {list(VARIANTS)}, {list(DTYPES)}, "
-                         "['fwd', 'fwd+bwd']")
+        raise ValueError(f"unknown dtypes/passes/kernels {unknown}; known: {list(DTYPES)}, ['fwd', 'fwd+bwd'], "
+                         f"{list(KERNELS)}")
+    shapes = {v: variant_shapes(v) for v in variants}
     on_gpu = device == "cuda"
     if not on_gpu:
         batch_sizes = [b for b in batch_sizes if b <= CPU_MAX_BATCH]
+    elif peak_bandwidth is None:
+        peak_bandwidth = measure_copy_bandwidth(device)
     note = "" if on_gpu else "CPU: reference only, Triton needs a GPU"
-    kernels = {
-        "sparse_sample": (
-            _sampling_case,
-            lambda f, p: sparse_sample(f, p, backend="triton"),
-            sparse_sample_reference,
-        ),
-        "adaptive_mix": (
-            _mixing_case,
-            lambda *a: adaptive_mix(*a, backend="triton"),
-            adaptive_mix_reference,
-        ),
-    }
     rows = []
-    for variant in variants:
-        N = VARIANTS[variant]
+    for variant, (N, P, C) in shapes.items():
         for dtype_name in dtypes:
             for B in batch_sizes:
-                for kernel, (case, triton_op, ref_op) in kernels.items():
-                    inputs, grad_out, fwd_bytes, bwd_bytes = case(B, N, DTYPES[dtype_name], device)
-                    flops = _mix_flops(B, N, P_POINTS, CHANNELS) if kernel == "adaptive_mix" else None
+                for kernel in kernels:
+                    inputs, grad_out, fwd_bytes, bwd_bytes = make_case(kernel, B, N, P, C, DTYPES[dtype_name], device)
+                    flops = mix_flops(B, N, P, C) if kernel != "sparse_sample" else None
+                    triton_op, ref_op = _ops(kernel)
                     for which in passes:
                         floor_bytes = fwd_bytes if which == "fwd" else fwd_bytes + bwd_bytes
                         impls = {"reference": ref_op, **({"triton": triton_op} if on_gpu else {})}
@@ -150,13 +172,14 @@ def run_kernel_benchmarks(
                         for impl, op in impls.items():
                             times[impl] = _time_ms(_pass_fn(op, inputs, grad_out, which), device, repeats, warmup)
                             seconds = times[impl] * 1e-3
+                            floor_s = floor_bytes / peak_bandwidth if on_gpu else None
                             rows.append(dict(
                                 variant=variant, kernel=kernel, **{"pass": which}, dtype=dtype_name, batch=B,
-                                tokens=N, points=P_POINTS, channels=CHANNELS, impl=impl, device=device,
+                                tokens=N, points=P, channels=C, impl=impl, device=device,
                                 time_ms=times[impl], time_us=times[impl] * 1e3, floor_bytes=floor_bytes,
-                                floor_us=floor_bytes / peak_bandwidth * 1e6,
+                                floor_us=None if floor_s is None else floor_s * 1e6,
                                 gbps=floor_bytes / seconds / 1e9,
-                                pct_of_floor=100 * floor_bytes / peak_bandwidth / seconds,
+                                pct_of_floor=None if floor_s is None else 100 * floor_s / seconds,
                                 tflops=None if flops is None else (flops if which == "fwd" else 3 * flops)
                                 / seconds / 1e12,
                                 speedup_vs_reference=times["reference"] / times[impl],
@@ -166,12 +189,12 @@ def run_kernel_benchmarks(
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    """Fixed-width text table of `run_kernel_benchmarks` rows."""
+    """Fixed-width text table of `run_kernel_benchmarks` rows ("-" where a value does not apply)."""
     cols = [("variant", "{}"), ("kernel", "{}"), ("pass", "{}"), ("dtype", "{}"), ("batch", "{}"),
             ("impl", "{}"), ("time_us", "{:.1f}"), ("floor_us", "{:.1f}"), ("gbps", "{:.1f}"),
             ("pct_of_floor", "{:.1f}"), ("speedup_vs_reference", "{:.2f}"), ("note", "{}")]
     cells = [[name for name, _ in cols]]
-    cells += [[fmt.format(r[name]) for name, fmt in cols] for r in rows]
+    cells += [["-" if r[name] is None else fmt.format(r[name]) for name, fmt in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -183,19 +206,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32, 64, 128, 256])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["sparseformer_t", "sparseformer_s", "sparseformer_b"])
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS))
     parser.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"])
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--peak-bandwidth", type=float, default=H100_BANDWIDTH, help="B/s for the floor")
+    parser.add_argument("--peak-bandwidth", type=float, default=None, help="B/s for the floor (default: measured)")
     args = parser.parse_args(argv)
     if args.device != "cuda":
         print(f"device={args.device}: timing the PyTorch references only (batch <= {CPU_MAX_BATCH}); "
               "the Triton kernels need a GPU")
     rows = run_kernel_benchmarks(
         device=args.device, dtypes=args.dtypes, batch_sizes=args.batch_sizes, variants=args.variants,
-        repeats=args.repeats, passes=args.passes, peak_bandwidth=args.peak_bandwidth,
+        repeats=args.repeats, passes=args.passes, peak_bandwidth=args.peak_bandwidth, kernels=args.kernels,
     )
-    print(f"floor = minimum bytes / {args.peak_bandwidth:.2e} B/s; time = median of {args.repeats} after warm-up")
+    print(f"time = median of {args.repeats} after warm-up")
     print(format_table(rows))
     return rows
 

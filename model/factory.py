@@ -46,7 +46,8 @@ def create_model(name: str, pretrained=False, **overrides) -> nn.Module:
     authors' v1/v2 files). A different num_classes re-initialises the classifier (model/hub.py).
 
     SparseFormer keys: num_tokens, num_points, conv_dim, focusing_dim, cortex_dim, cortex_depth,
-    focusing_repeats, num_heads, mlp_ratio, num_classes, in_chans, drop_path_rate, backend.
+    focusing_repeats, num_heads, mlp_ratio, num_classes, in_chans, drop_path_rate, backend,
+    fused_sample_mix, recompute_stem, checkpoint_cortex.
     DeiT keys: img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio,
     drop_path_rate.
     """

@@ -31,13 +31,19 @@ def count_flops(model: nn.Module, resolution: int, in_chans: int | None = None, 
     param = next(model.parameters())
     x = torch.randn(batch_size, in_chans, resolution, resolution, device=param.device, dtype=param.dtype)
     was_training = model.training
+    # the unfused ops: the same maths, with the mixing GEMMs as their own op (the fused op counts both)
+    fused = getattr(model, "fused_sample_mix", None)
     model.eval()
     try:
+        if fused is not None:
+            model.fused_sample_mix = False
         # (no torch.no_grad: FlopCounterMode's module tracker rejects parameters passed as block inputs under it)
         with FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)
+        if fused is not None:
+            model.fused_sample_mix = fused
     by_op = {str(op): flops / 2 / batch_size for op, flops in counter.get_flop_counts()["Global"].items()}
     total = counter.get_total_flops() / 2 / batch_size
     mixing = by_op.get(str(torch.ops.sparseformer.adaptive_mix), 0.0)

@@ -10,6 +10,7 @@ Tensors are batch-first inside this file: tokens (B, N, d), RoIs (B, N, 4), poin
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -18,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import adaptive_mix, sparse_sample
-from kernels.backend import BACKENDS
+from kernels import FeatureMap, adaptive_mix
+from kernels.backend import BACKENDS, resolve_backend
 
 from .hub import check_state_dict, find_state_dict, read_checkpoint
 
@@ -43,6 +44,43 @@ def drop_path(x: Tensor, drop_prob: float, training: bool) -> Tensor:
     keep = 1.0 - drop_prob
     mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
     return x * mask / keep
+
+
+class _Recompute(torch.autograd.Function):
+    """y = fn(x) keeping only x (and the parameters, passed in so that their gradients reach
+    autograd and DDP's hooks as usual) for backward, where fn runs again under the forward's
+    autocast state and RNG state (so drop-path masks repeat)."""
+
+    @staticmethod
+    def forward(ctx, fn, x: Tensor, *params: Tensor):
+        ctx.fn, ctx.device = fn, x.device
+        kind = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if kind == "cuda" else None
+        ctx.save_for_backward(x, *params)
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, *params = ctx.saved_tensors
+        kind = ctx.device.type
+        with torch.random.fork_rng(devices=[ctx.device] if kind == "cuda" else [], device_type="cuda"):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
+                x_in = x.detach().requires_grad_(ctx.needs_input_grad[1])
+                y = ctx.fn(x_in)
+        wanted = [t for t, need in zip([x_in, *params], ctx.needs_input_grad[1:], strict=True) if need]
+        grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True))
+        return (None, *[next(grads) if need else None for need in ctx.needs_input_grad[1:]])
+
+
+def recompute(fn, x: Tensor, params: list[Tensor]) -> Tensor:
+    """fn(x) whose activations are recomputed in backward instead of kept (x (B, ...) -> fn's output)."""
+    return _Recompute.apply(fn, x, *params)
 
 
 # ----------------------------------------------------------------------------- early convolution
@@ -126,34 +164,36 @@ class EarlyConvolution(nn.Module):
 
 # ----------------------------------------------------------------------------- RoI geometry
 def adjust_rois(rois: Tensor, delta: Tensor) -> Tensor:
-    """RoI adjustment (MODEL.md step 2), in fp32.
+    """RoI adjustment (MODEL.md step 2), in fp32, for boxes (D = 2) or tubes (D = 3).
 
-    rois (B, N, 4) as (x1, y1, x2, y2); delta (B, N, 4) as (dx, dy, dw, dh) ->
-    centre += (dx, dy) * (w, h); (w, h) *= exp(dw, dh); re-encoded to (x1, y1, x2, y2). No clamping.
+    rois (B, N, 2D) as (x1, y1[, t1], x2, y2[, t2]); delta (B, N, 2D) as (dx, dy[, dt], dw, dh[, dl])
+    -> centre += shifts * sizes; sizes *= exp(log-scales); re-encoded the same way. No clamping.
     """
     rois, delta = at_least_fp32(rois), at_least_fp32(delta)
-    xy = (rois[..., 2:] + rois[..., :2]) * 0.5
-    wh = (rois[..., 2:] - rois[..., :2]).abs()
-    xy = xy + delta[..., :2] * wh
-    wh = wh * delta[..., 2:].exp()
-    return torch.cat([xy - 0.5 * wh, xy + 0.5 * wh], dim=-1)
+    D = rois.shape[-1] // 2
+    centre = (rois[..., D:] + rois[..., :D]) * 0.5
+    size = (rois[..., D:] - rois[..., :D]).abs()
+    centre = centre + delta[..., :D] * size
+    size = size * delta[..., D:].exp()
+    return torch.cat([centre - 0.5 * size, centre + 0.5 * size], dim=-1)
 
 
 def make_sampling_points(rois: Tensor, offsets: Tensor) -> Tensor:
-    """Sampling points (MODEL.md step 3), in fp32.
+    """Sampling points (MODEL.md step 3), in fp32, for boxes (D = 2) or tubes (D = 3).
 
-    rois (B, N, 4); offsets (B, N, P, 2) raw (x, y) offsets -> points (B, N, P, 2) in image
-    coordinates [0, 1]: the offsets standardised per token and axis over P,
-    o_hat = (o - mean) / (3 * (std_unbiased + 1e-7)), then p = centre + o_hat * (x2 - x1, y2 - y1).
+    rois (B, N, 2D); offsets (B, N, P, D) raw (x, y[, t]) offsets -> points (B, N, P, D) in
+    normalised coordinates [0, 1]: the offsets standardised per token and axis over P,
+    o_hat = (o - mean) / (3 * (std_unbiased + 1e-7)), then p = centre + o_hat * (hi - lo).
     """
     offsets = at_least_fp32(offsets)
     mean = offsets.mean(dim=2, keepdim=True)
     std = offsets.std(dim=2, keepdim=True) + STD_EPS
     offsets = (offsets - mean) / (3.0 * std)
     rois = at_least_fp32(rois)
-    xy = (rois[..., 2:] + rois[..., :2]) * 0.5
-    wh = rois[..., 2:] - rois[..., :2]  # signed here, as in the authors' code
-    return xy.unsqueeze(2) + offsets * wh.unsqueeze(2)
+    D = rois.shape[-1] // 2
+    centre = (rois[..., D:] + rois[..., :D]) * 0.5
+    size = rois[..., D:] - rois[..., :D]  # signed here, as in the authors' code
+    return centre.unsqueeze(2) + offsets * size.unsqueeze(2)
 
 
 def grid_init(n: int) -> Tensor:
@@ -165,6 +205,22 @@ def grid_init(n: int) -> Tensor:
     grid[: root * root, 0] = centres.repeat(root)
     grid[: root * root, 1] = centres.repeat_interleave(root)
     return grid
+
+
+TIME_OFFSET_LEVELS = 4
+
+
+def offset_bias_init(num_points: int, ndim: int = 2) -> Tensor:
+    """(P, ndim) initial sampling-offset bias: the sqrt(P) x sqrt(P) grid centred on 0 (MODEL.md
+    step 3), and for tubes a temporal offset cycling over TIME_OFFSET_LEVELS levels in [-0.5, 0.5]
+    (point k at level k mod L), so the per-axis standardisation of the t offsets starts from a
+    spread: with equal t offsets it divides by ~0 and its gradient is ~1/(3 eps) (docs/MODEL.md, "Video")."""
+    bias = grid_init(num_points) - 0.5
+    if ndim == 2:
+        return bias
+    levels = min(TIME_OFFSET_LEVELS, num_points)
+    t = (torch.arange(num_points) % levels + 0.5) / levels - 0.5
+    return torch.cat([bias, t[:, None]], dim=1)
 
 
 # ----------------------------------------------------------------------------- adaptive mixing
@@ -196,23 +252,20 @@ class AdaptiveMixing(nn.Module):
         nn.init.xavier_uniform_(generator[2].bias[: C * C].view(C, C))
         nn.init.xavier_uniform_(generator[2].bias[C * C :].view(P, P))
 
-    def forward(self, sampled: Tensor, tokens: Tensor, backend: str) -> Tensor:
-        """sampled (B, N, P, C), tokens (B, N, d) -> (B, N, d)."""
-        B, N, P, C = sampled.shape
-        params = self.parameter_generator(tokens)  # (B, N, C*C + P*P), in the autocast dtype if any
-        # split, not two slices: its backward is one cat instead of zero-fill + copy per slice
-        channel_weight, spatial_weight = params.split([C * C, P * P], dim=-1)
-        channel_weight, spatial_weight = channel_weight.view(B, N, C, C), spatial_weight.view(B, N, P, P)
+    def forward(self, tokens: Tensor, fmap: FeatureMap, points: Tensor, fused: bool) -> Tensor:
+        """tokens (B, N, d), points (B, N, P, 2|3) sampled from `fmap` -> (B, N, d).
+
+        fused: sample and mix in one kernel (kernels.sample_and_mix), else sample then mix.
+        """
+        B, N, P, _ = points.shape
+        params = self.parameter_generator(tokens)  # (B, N, C*C + P*P), whole, in the autocast dtype if any
         dtype = params.dtype
-        mixed = adaptive_mix(
-            sampled.to(dtype),
-            channel_weight,
-            self.m_beta.to(dtype),
-            spatial_weight,
-            self.s_beta.to(dtype),
-            backend=backend,
-        )
-        return self.out_proj(mixed.reshape(B, N, P * C))
+        beta_c, beta_s = self.m_beta.to(dtype), self.s_beta.to(dtype)
+        if fused:
+            mixed = fmap.sample_and_mix(points, params, beta_c, beta_s)
+        else:
+            mixed = adaptive_mix(fmap.sample(points).to(dtype), params, beta_c, beta_s, backend=fmap.backend)
+        return self.out_proj(mixed.reshape(B, N, P * self.conv_dim))
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -237,6 +290,40 @@ class MultiheadSelfAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(B, N, d))
 
 
+class _GeluLinear(torch.autograd.Function):
+    """Linear(GELU(h)) that keeps only h for backward and recomputes GELU(h) there: the FFN then
+    saves one of its two 4d-wide activations (~3.8 MiB per image for SparseFormer-T; the extra
+    element-wise GELU in backward is free next to the GEMMs). h (..., k) -> (..., n)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(F.gelu(h), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, weight = ctx.saved_tensors
+        a = F.gelu(h)
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_w = (g2.t().to(weight.dtype) @ a.reshape(-1, a.shape[-1]).to(weight.dtype)
+                  if ctx.needs_input_grad[1] else None)
+        grad_b = g2.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_h = torch.ops.aten.gelu_backward(grad.matmul(weight.to(grad.dtype)).to(h.dtype), h)
+        return grad_h, grad_w, grad_b
+
+
+def feed_forward(ffn: nn.Sequential, x: Tensor) -> Tensor:
+    """The FFN LN -> Linear -> GELU -> Linear of `ffn` (its parameters keep their names), with the
+    last Linear through `_GeluLinear`. x (B, N, d) -> (B, N, d)."""
+    norm, fc1, _, fc2 = ffn
+    h = fc1(norm(x))
+    if torch.is_autocast_enabled(h.device.type):  # the Function runs below autocast: cast like F.linear would
+        dtype = torch.get_autocast_dtype(h.device.type)
+        return _GeluLinear.apply(h.to(dtype), fc2.weight.to(dtype), fc2.bias.to(dtype))
+    return _GeluLinear.apply(h, fc2.weight, fc2.bias)
+
+
 class CortexBlock(nn.Module):
     """Pre-LN transformer block over the latent tokens: attention then FFN (MODEL.md steps 1, 6)."""
 
@@ -251,19 +338,20 @@ class CortexBlock(nn.Module):
 
     def forward(self, tokens: Tensor, drop_prob: float) -> Tensor:
         tokens = tokens + drop_path(self.attn(self.ln_attn(tokens)), drop_prob, self.training)
-        return tokens + drop_path(self.ffn(tokens), drop_prob, self.training)
+        return tokens + drop_path(feed_forward(self.ffn, tokens), drop_prob, self.training)
 
 
 class SamplingBlock(CortexBlock):
     """A block that also adjusts the RoIs, samples the feature map and mixes what it sampled:
-    the focusing unit and cortex block 1 (MODEL.md steps 1-6, in that order)."""
+    the focusing unit and cortex block 1 (MODEL.md steps 1-6, in that order). `ndim` 2 samples
+    an image map with boxes, 3 a video volume with tubes (2 * ndim RoI deltas, ndim offsets per point)."""
 
-    def __init__(self, dim: int, num_heads: int, conv_dim: int, num_points: int, mlp_ratio: int = 4):
+    def __init__(self, dim: int, num_heads: int, conv_dim: int, num_points: int, mlp_ratio: int = 4, ndim: int = 2):
         super().__init__(dim, num_heads, mlp_ratio)
-        self.num_points = num_points
-        self.roi_adjust_module = nn.Sequential(layer_norm(dim), nn.Linear(dim, 4, bias=False))
-        self.roi_offset_module = nn.Sequential(layer_norm(dim), nn.Linear(dim, 2 * num_points, bias=False))
-        self.roi_offset_bias = nn.Parameter(torch.zeros(2 * num_points))
+        self.num_points, self.ndim = num_points, ndim
+        self.roi_adjust_module = nn.Sequential(layer_norm(dim), nn.Linear(dim, 2 * ndim, bias=False))
+        self.roi_offset_module = nn.Sequential(layer_norm(dim), nn.Linear(dim, ndim * num_points, bias=False))
+        self.roi_offset_bias = nn.Parameter(torch.zeros(ndim * num_points))
         self.adaptive_mixing = AdaptiveMixing(dim, conv_dim, num_points)
 
     @torch.no_grad()
@@ -271,23 +359,21 @@ class SamplingBlock(CortexBlock):
         for head in (self.roi_adjust_module, self.roi_offset_module):
             head[0].weight.fill_(head[0].normalized_shape[0] ** -0.5)
         nn.init.zeros_(self.roi_adjust_module[1].weight)  # the offset Linear keeps std 0.02 (as trained)
-        self.roi_offset_bias.copy_((grid_init(self.num_points) - 0.5).flatten())
+        self.roi_offset_bias.copy_(offset_bias_init(self.num_points, self.ndim).flatten())
         self.adaptive_mixing.init_weights()
 
-    def forward(
-        self, tokens: Tensor, rois: Tensor, features: Tensor, drop_prob: float, grad_clamp: float, backend: str
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """tokens (B, N, d), rois (B, N, 4), features (B, h, w, C) -> tokens, rois, points (B, N, P, 2)."""
+    def forward(self, tokens: Tensor, rois: Tensor, fmap: FeatureMap, drop_prob: float, fused: bool
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """tokens (B, N, d), rois (B, N, 2D), fmap of a (B, [T,] h, w, C) map -> tokens, rois, points (B, N, P, D)."""
         B, N, _ = tokens.shape
         tokens = tokens + drop_path(self.attn(self.ln_attn(tokens)), drop_prob, self.training)
         delta = drop_path(at_least_fp32(self.roi_adjust_module(tokens)), drop_prob, self.training)
         rois = adjust_rois(rois, delta)
         offsets = at_least_fp32(self.roi_offset_module(tokens)) + self.roi_offset_bias
-        points = make_sampling_points(rois, offsets.view(B, N, self.num_points, 2))
-        sampled = sparse_sample(features, points, point_grad_clamp=grad_clamp, backend=backend)
-        mixed = self.adaptive_mixing(sampled, tokens, backend)
+        points = make_sampling_points(rois, offsets.view(B, N, self.num_points, self.ndim))
+        mixed = self.adaptive_mixing(tokens, fmap, points, fused)
         tokens = tokens + drop_path(mixed, drop_prob, self.training)
-        return tokens + drop_path(self.ffn(tokens), drop_prob, self.training), rois, points
+        return tokens + drop_path(feed_forward(self.ffn, tokens), drop_prob, self.training), rois, points
 
 
 class ClassifierHead(nn.Module):
@@ -316,7 +402,11 @@ class SparseFormerOutput:
 
 class SparseFormer(nn.Module):
     """Early convolution -> focusing transformer (one SamplingBlock applied `focusing_repeats` times,
-    shared weights) -> transition -> cortex transformer (block 1 samples again) -> head."""
+    shared weights) -> transition -> cortex transformer (block 1 samples again) -> head.
+
+    Subclasses change what is sampled (model/video.py: `ndim = 3`, a frame-wise stem, tubes)."""
+
+    ndim = 2  # axes of the sampled map: 2 (image), 3 (video)
 
     def __init__(
         self,
@@ -333,6 +423,9 @@ class SparseFormer(nn.Module):
         in_chans: int = 3,
         drop_path_rate: float = 0.0,
         backend: str = "auto",
+        fused_sample_mix: bool | str = "auto",
+        recompute_stem: bool | str = "auto",
+        checkpoint_cortex: bool = False,
     ):
         super().__init__()
         checks = {
@@ -355,24 +448,37 @@ class SparseFormer(nn.Module):
             raise ValueError(f"SparseFormer: drop_path_rate must be in [0, 1), got {drop_path_rate}")
         if backend not in BACKENDS:
             raise ValueError(f"SparseFormer: backend must be one of {BACKENDS}, got {backend!r}")
+        if fused_sample_mix not in ("auto", True, False):
+            raise ValueError(f"SparseFormer: fused_sample_mix must be 'auto', true or false, got {fused_sample_mix!r}")
+        if recompute_stem not in ("auto", True, False):
+            raise ValueError(f"SparseFormer: recompute_stem must be 'auto', true or false, got {recompute_stem!r}")
+        if not isinstance(checkpoint_cortex, bool):
+            raise ValueError(f"SparseFormer: checkpoint_cortex must be true or false, got {checkpoint_cortex!r}")
         self.num_tokens, self.num_points, self.in_chans = num_tokens, num_points, in_chans
         self.num_classes, self.focusing_repeats = num_classes, focusing_repeats
         self.backend = backend
+        # "auto": sample and mix in one kernel where the Triton kernels run (kernels/fused.py); the
+        # PyTorch reference of the fused op recomputes the sampling in backward, which only costs on CPU.
+        self.fused_sample_mix = fused_sample_mix
+        # Activation memory for compute (docs/BENCHMARKS.md, "Activation memory"): rerun the stem in
+        # backward (it then keeps only the image; "auto": on the Triton path, where batches are large),
+        # and/or the plain cortex blocks (they keep only their input).
+        self.recompute_stem, self.checkpoint_cortex = recompute_stem, checkpoint_cortex
         # Multiplier of the sampling-gradient clamp +-(1/h_feat) * scale: the training loop sets it
         # to the AMP loss scale (the authors' RestrictGradNorm.GRAD_SCALE).
         self.sampling_grad_scale = 1.0
 
-        self.stem = EarlyConvolution(in_chans, conv_dim)
+        self.stem = self.make_stem(in_chans, conv_dim)
         self.token_embedding = nn.Parameter(torch.empty(num_tokens, focusing_dim))
-        self.token_roi = nn.Parameter(torch.empty(num_tokens, 4))
-        self.focusing = SamplingBlock(focusing_dim, num_heads, conv_dim, num_points, mlp_ratio)
+        self.token_roi = nn.Parameter(torch.empty(num_tokens, 2 * self.ndim))
+        self.focusing = SamplingBlock(focusing_dim, num_heads, conv_dim, num_points, mlp_ratio, self.ndim)
         self.transition = (
             nn.Sequential(nn.Linear(focusing_dim, cortex_dim), layer_norm(cortex_dim))
             if focusing_dim != cortex_dim
             else nn.Identity()
         )
         self.cortex = nn.ModuleList(
-            [SamplingBlock(cortex_dim, num_heads, conv_dim, num_points, mlp_ratio)]
+            [SamplingBlock(cortex_dim, num_heads, conv_dim, num_points, mlp_ratio, self.ndim)]
             + [CortexBlock(cortex_dim, num_heads, mlp_ratio) for _ in range(cortex_depth - 1)]
         )
         self.head = ClassifierHead(cortex_dim, num_classes)
@@ -430,28 +536,51 @@ class SparseFormer(nn.Module):
         if min(x.shape[2:]) < 8:
             raise ValueError(f"SparseFormer's stem needs images of at least 8x8 pixels, got {tuple(x.shape[2:])}")
 
+    @staticmethod
+    def make_stem(in_chans: int, conv_dim: int) -> nn.Module:
+        return EarlyConvolution(in_chans, conv_dim)
+
+    def point_grad_clamp(self, features: Tensor) -> float:
+        """+-(1/h_feat) * scale on both axes (MODEL.md step 4; the authors clamp by the map's height)."""
+        return self.sampling_grad_scale / features.shape[1]
+
+    def fuses(self, fmap: FeatureMap) -> bool:
+        """Whether the sampling steps run the fused sample+mix op."""
+        return fmap.backend == "triton" if self.fused_sample_mix == "auto" else bool(self.fused_sample_mix)
+
+    def early_convolution(self, x: Tensor) -> Tensor:
+        """The stem, rerun in backward when `recompute_stem` (only the input is kept)."""
+        again = self.recompute_stem
+        if again == "auto":
+            again = resolve_backend(self.backend, x.device) == "triton"
+        if again and torch.is_grad_enabled():
+            return recompute(self.stem, x, list(self.stem.parameters()))
+        return self.stem(x)
+
     def forward(self, x: Tensor, return_aux: bool = False) -> Tensor | SparseFormerOutput:
         """x (B, in_chans, H, W) -> logits (B, classes), or SparseFormerOutput if `return_aux`."""
         self.check_input(x)
-        features = self.stem(x)  # (B, h, w, C)
+        features = self.early_convolution(x)  # (B, h, w, C)
         B = x.shape[0]
         tokens = self.token_embedding.unsqueeze(0).expand(B, -1, -1)
         rois = self.token_roi.unsqueeze(0).expand(B, -1, -1)
-        grad_clamp = self.sampling_grad_scale / features.shape[1]  # +-(1/h_feat) * scale (MODEL.md step 4)
+        # one FeatureMap for the 5 sampling steps: their map gradients go into one accumulator
+        fmap = FeatureMap(features, point_grad_clamp=self.point_grad_clamp(features), backend=self.backend)
+        fused = self.fuses(fmap)
         all_rois, all_points = [], []
         for i in range(self.focusing_repeats):
-            tokens, rois, points = self.focusing(
-                tokens, rois, features, self.drop_path_rates[i], grad_clamp, self.backend
-            )
+            tokens, rois, points = self.focusing(tokens, rois, fmap, self.drop_path_rates[i], fused)
             all_rois.append(rois)
             all_points.append(points)
         tokens = self.transition(tokens)
         for j, block in enumerate(self.cortex):
             rate = self.drop_path_rates[self.focusing_repeats + j]
             if isinstance(block, SamplingBlock):
-                tokens, rois, points = block(tokens, rois, features, rate, grad_clamp, self.backend)
+                tokens, rois, points = block(tokens, rois, fmap, rate, fused)
                 all_rois.append(rois)
                 all_points.append(points)
+            elif self.checkpoint_cortex and torch.is_grad_enabled():
+                tokens = recompute(functools.partial(block, drop_prob=rate), tokens, list(block.parameters()))
             else:
                 tokens = block(tokens, rate)
         logits = self.head(tokens)

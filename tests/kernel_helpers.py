@@ -1,17 +1,46 @@
-"""Shared by the kernel tests: float64 comparison with per-dtype bounds, and NaN-poisoned outputs."""
+"""Shared by the kernel tests: the devices they run on, float64 comparison with per-dtype bounds,
+and NaN-poisoned outputs.
+
+Devices: "cpu" when the kernels were built for Triton's interpreter (TRITON_INTERPRET=1, the CPU
+suite), "cuda" (marked `gpu`) when they were compiled and a GPU is present
+(`TRITON_INTERPRET=0 pytest -m gpu`). References are computed in float64 on the CPU.
+"""
 import pytest
 import torch
 
 from kernels import backend as kbackend
 
-# norm-wise relative error bounds against float64 (docs/KERNELS.md, "Tolerances")
+# norm-wise relative error bounds against float64 (docs/KERNELS.md, "Tolerances"); fp32 dots are
+# pinned to IEEE in these tests (`pin_fp32_matmul`), so the exact-dot fp32 bound holds on GPUs too
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
+def kernel_devices() -> list:
+    if kbackend.triton_interpreter_enabled():
+        return [pytest.param("cpu", id="cpu")]
+    if torch.cuda.is_available():
+        return [pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+    return []
+
+
+@pytest.fixture(params=kernel_devices())
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def pin_fp32_matmul():
+    """IEEE fp32 dots in the kernels and in torch (TF32 would need the 2e-3 bound)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64; an all-zero reference makes it absolute. NaN stays NaN."""
-    diff = (out.double() - ref.double()).norm()
-    return (diff / ref.double().norm().clamp_min(1e-300)).item()
+    """||out - ref|| / ||ref|| in float64 on the CPU; an all-zero reference makes it absolute. NaN stays NaN."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def assert_close(out, ref, tol, what):
@@ -19,6 +48,20 @@ def assert_close(out, ref, tol, what):
     assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten elements?)"
     err = rel_err(out, ref)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
+
+
+def assert_same_nans_and_close(out, ref, tol, what):
+    """NaN exactly where the reference has NaN, and within `tol` elsewhere."""
+    out, ref = out.detach().cpu(), ref.detach().cpu()
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    nan, ref_nan = torch.isnan(out), torch.isnan(ref)
+    assert torch.equal(nan, ref_nan), f"{what}: NaN at {int(nan.sum())} places, the reference at {int(ref_nan.sum())}"
+    assert_close(out[~nan], ref[~ref_nan], tol, what)
+
+
+def to64(*tensors):
+    """float64 CPU copies (the reference's inputs)."""
+    return [t.detach().double().cpu() for t in tensors]
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""Both kernels as torch.library ops: opcheck, FLOP counting, torch.compile tracing, benchmark smoke,
-and an ahead-of-time sm_90 build."""
+"""The kernels as torch.library ops: opcheck, FLOP counting, torch.compile tracing, the benchmark
+smoke run, the ahead-of-time build for a GPU arch and the GPU validation command's CPU subset."""
 import json
 import os
 import subprocess
@@ -10,61 +10,84 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kernels import adaptive_mix, sparse_sample
+from kernels import FeatureMap, adaptive_mix, sample_and_mix, sparse_sample
 from kernels.benchmark import format_table, run_kernel_benchmarks
+from kernels.fused import _sample_mix_backward_op, _sample_mix_op
 from kernels.mixing import _adaptive_mix_backward_op, _adaptive_mix_op
-from kernels.sampling import _sparse_sample_backward_op, _sparse_sample_op
+from kernels.sampling import _sparse_sample_backward_op, _sparse_sample_op, chain_token, map_grad_root
+
+REPO = Path(__file__).resolve().parents[1]
+B, N, P, C = 1, 2, 3, 8
 
 
-def _sample_args(dtype=torch.float32):
-    return torch.randn(1, 4, 5, 8, dtype=dtype), torch.rand(1, 2, 3, 2, dtype=dtype)
+def _map(D=2, dtype=torch.float64):
+    return torch.randn((B, 4, 5, C) if D == 2 else (B, 2, 4, 5, C), dtype=dtype)
 
 
-def _mix_args(dtype=torch.float32):
-    B, N, P, C = 1, 2, 3, 8
-    return (torch.randn(B, N, P, C, dtype=dtype), torch.randn(B, N, C, C, dtype=dtype), torch.randn(C, dtype=dtype),
-            torch.randn(B, N, P, P, dtype=dtype), torch.randn(P, dtype=dtype))
+def _mix_args(dtype=torch.float64):
+    return (torch.randn(B, N, P, C, dtype=dtype), torch.randn(B, N, C * C + P * P, dtype=dtype) / C,
+            torch.randn(C, dtype=dtype), torch.randn(P, dtype=dtype))
 
 
+@pytest.mark.parametrize("D", [2, 3])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck(backend):
-    """Schema, fake (meta) kernels, autograd registration and AOT dispatch of all four ops."""
-    f, p = _sample_args(torch.float64)
-    torch.library.opcheck(_sparse_sample_op, (f.requires_grad_(), p.requires_grad_(), 0.5, backend))
-    torch.library.opcheck(_sparse_sample_backward_op, (torch.randn(1, 2, 3, 8, dtype=torch.float64),
-                                                       f.detach(), p.detach(), None, backend))
-    m = [t.requires_grad_() for t in _mix_args(torch.float64)]
-    torch.library.opcheck(_adaptive_mix_op, (*m, backend))
-    torch.library.opcheck(_adaptive_mix_backward_op, (torch.randn(1, 2, 3, 8, dtype=torch.float64),
-                                                      *[t.detach() for t in m], backend))
+def test_opcheck(backend, D):
+    """Schema, fake (meta) kernels, autograd registration and AOT dispatch of every op."""
+    f = _map(D).requires_grad_()
+    p = torch.rand(B, N, P, D, dtype=torch.float64).requires_grad_()
+    token = chain_token(f)
+    torch.library.opcheck(map_grad_root, (f,))
+    torch.library.opcheck(_sparse_sample_op, (f, p, token, [0.5] * D, backend))
+    torch.library.opcheck(_sparse_sample_backward_op, (torch.randn(B, N, P, C, dtype=torch.float64), f.detach(),
+                                                       p.detach(), torch.zeros(f.shape, dtype=torch.float64),
+                                                       None, backend))
+    _, params, bc, bs = [t.requires_grad_() for t in _mix_args()]
+    torch.library.opcheck(_sample_mix_op, (f, p, token, params, bc, bs, [0.5] * D, backend))
+    torch.library.opcheck(_sample_mix_backward_op, (torch.randn(B, N, P, C, dtype=torch.float64), f.detach(),
+                                                    p.detach(), params.detach(), bc.detach(), bs.detach(),
+                                                    torch.zeros(f.shape, dtype=torch.float64), None, backend))
+    if D == 2:
+        m = [t.requires_grad_() for t in _mix_args()]
+        torch.library.opcheck(_adaptive_mix_op, (*m, backend))
+        torch.library.opcheck(_adaptive_mix_backward_op, (torch.randn(B, N, P, C, dtype=torch.float64),
+                                                          *[t.detach() for t in m], backend))
 
 
-def test_flop_counter_counts_both_ops():
-    f, p = _sample_args()
-    m = _mix_args()
+def test_flop_counter_counts_every_op():
+    f, p = _map(2, torch.float32), torch.rand(B, N, P, 2)
+    x, params, bc, bs = _mix_args(torch.float32)
+    sampling, mixing = 2 * 4 * B * N * P * C, 2 * B * N * (P * C * C + P * P * C)
     with FlopCounterMode(display=False) as counter:
         sparse_sample(f, p, backend="torch")
-        adaptive_mix(*m, backend="torch")
-    B, N, P, C = 1, 2, 3, 8
-    assert counter.get_total_flops() == 2 * 4 * B * N * P * C + 2 * B * N * (P * C * C + P * P * C)
+        adaptive_mix(x, params, bc, bs, backend="torch")
+    assert counter.get_total_flops() == sampling + mixing
+    with FlopCounterMode(display=False) as counter:
+        sample_and_mix(f, p, params, bc, bs, backend="torch")
+        sparse_sample(_map(3, torch.float32), torch.rand(B, N, P, 3), backend="torch")
+    assert counter.get_total_flops() == sampling + mixing + 2 * sampling  # trilinear: 8 corners
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_torch_compile_traces_without_graph_breaks(backend):
-    """fullgraph=True fails on any graph break. The aot_eager backend runs AOTAutograd (fake
-    tensors through both ops, forward and backward graphs) without needing a C++ toolchain."""
+def test_torch_compile_traces_without_graph_breaks(backend, fused):
+    """fullgraph=True fails on any graph break. The aot_eager backend runs AOTAutograd (fake tensors
+    through every op, the gradient chain's mutation included, forward and backward graphs)
+    without needing a C++ toolchain."""
     torch._dynamo.reset()
 
-    def fn(features, points, mc, bc, ms, bs):
-        x = sparse_sample(features, points, point_grad_clamp=1.0, backend=backend)
-        return adaptive_mix(x, mc, bc, ms, bs, backend=backend).square().sum()
+    def fn(features, p1, p2, params, bc, bs):
+        fmap = FeatureMap(features, point_grad_clamp=1.0, backend=backend)
+        if fused:
+            y = fmap.sample_and_mix(p1, params, bc, bs)
+        else:
+            y = adaptive_mix(fmap.sample(p1), params, bc, bs, backend=backend)
+        return y.square().sum() + fmap.sample(p2).sum()
 
-    f, p = _sample_args()
-    _, mc, bc, ms, bs = _mix_args()
-    inputs = [t.requires_grad_() for t in (f, p, mc, bc, ms, bs)]
+    x, params, bc, bs = _mix_args(torch.float32)
+    inputs = [t.requires_grad_() for t in (_map(2, torch.float32), torch.rand(B, N, P, 2), torch.rand(B, N, P, 2),
+                                           params, bc, bs)]
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    loss = compiled(*inputs)
-    grads = torch.autograd.grad(loss, inputs)
+    grads = torch.autograd.grad(compiled(*inputs), inputs)
     ref_grads = torch.autograd.grad(fn(*inputs), inputs)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
@@ -75,12 +98,12 @@ def test_torch_compile_inductor_cpu():
     """The default inductor backend on CPU (~30 s: it builds C++ for the surrounding ops)."""
     torch._dynamo.reset()
 
-    def fn(features, points, mc, bc, ms, bs):
-        x = sparse_sample(features, points, backend="torch")
-        return adaptive_mix(x, mc, bc, ms, bs, backend="torch").square().sum()
+    def fn(features, points, params, bc, bs):
+        fmap = FeatureMap(features, backend="torch")
+        return fmap.sample_and_mix(points, params, bc, bs).square().sum() + fmap.sample(points).sum()
 
-    f, p = _sample_args()
-    inputs = [t.requires_grad_() for t in (f, p, *_mix_args()[1:])]
+    _, params, bc, bs = _mix_args(torch.float32)
+    inputs = [t.requires_grad_() for t in (_map(2, torch.float32), torch.rand(B, N, P, 2), params, bc, bs)]
     grads = torch.autograd.grad(torch.compile(fn, fullgraph=True)(*inputs), inputs)
     for g, r in zip(grads, torch.autograd.grad(fn(*inputs), inputs)):
         torch.testing.assert_close(g, r)
@@ -89,25 +112,46 @@ def test_torch_compile_inductor_cpu():
 def test_benchmark_smoke_cpu():
     rows = run_kernel_benchmarks(device="cpu", dtypes=("fp32",), batch_sizes=(1,), variants=("sparseformer_t",),
                                  repeats=2, passes=("fwd", "fwd+bwd"))
-    assert {r["kernel"] for r in rows} == {"sparse_sample", "adaptive_mix"}
+    assert {r["kernel"] for r in rows} == {"sparse_sample", "adaptive_mix", "sample_and_mix"}
     assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd"}
     for r in rows:
         assert r["impl"] == "reference" and r["time_ms"] > 0 and r["floor_bytes"] > 0
-        assert "reference only" in r["note"]
+        assert r["pct_of_floor"] is None and "reference only" in r["note"]  # no GPU bandwidth to compare with
     table = format_table(rows)
     assert "sparse_sample" in table and "reference only" in table
 
 
 @pytest.mark.slow
-def test_kernels_build_for_sm90():
-    """Every kernel compiles for the H100 (sm_90) through ptxas and fits its shared memory, checked
-    without a GPU (~20 s); a subprocess because this session's kernels are bound to the interpreter."""
-    code = "import json; from kernels.aot import build_all; print(json.dumps(build_all(90)))"
+def test_aot_build_for_one_arch(tmp_path):
+    """`python -m kernels.aot` compiles the kernels for sm_86 (the tightest shared memory: 99 KB) with
+    the JIT's own specialization, without a GPU; every kernel fits, no 16-bit kernel spills, and
+    the map gradient's atomics are fire-and-forget RED with no GPU-wide fences."""
+    out = tmp_path / "aot.json"
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[1], timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(rows) == 16
+    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "86", "--dtypes", "bf16",
+                           "--json", str(out)], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {r["kernel"] for r in rows} >= {"sparse_sample_bwd_kernel", "adaptive_mix_bwd_kernel",
+                                          "sample_mix_fwd_kernel", "sample_mix_bwd_kernel"}
     for r in rows:
-        assert r["fits"] and r["registers"] > 0, r
+        assert r["ok"] and r["registers"] > 0 and r["spill_bytes"] == 0, r
+        assert r["atomg"] == 0 and r["membar_gpu"] == 0, r
+    assert all(r["red"] > 0 for r in rows if r["kernel"] in ("sparse_sample_bwd_kernel", "sample_mix_bwd_kernel"))
+
+
+def test_validate_runs_its_cpu_subset(tmp_path):
+    """`python -m kernels.validate` without a GPU: the interpreter-feasible sections, a report after
+    each, and the list of what it skipped."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "kernels.validate", "--out", str(tmp_path)], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "validate.json").read_text())
+    md = (tmp_path / "validate.md").read_text()
+    sections = {s["name"]: s for s in report["sections"]}
+    assert sections["correctness"]["status"] == "ok" and sections["determinism"]["status"] == "ok"
+    assert sections["model"]["status"] == "ok"
+    assert all(sections[name]["status"] == "skipped" for name in ("bandwidth", "timings", "training_step"))
+    assert "skipped" in md and "no CUDA device" in md
+    assert all(c["ok"] for c in sections["correctness"]["checks"])
