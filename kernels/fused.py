@@ -24,21 +24,22 @@ from torch.utils.flop_counter import register_flop_formula
 from . import backend as _backend
 from .backend import check_inputs, check_same_dtype, resolve_backend
 from .mixing import (
+    _dx_block,
     _mix_backward,
     _mix_forward,
     adaptive_mix_reference,
     adaptive_mix_reference_backward,
-    bias_partials,
+    backward_buffers,
     check_mix_shapes,
     mix_config,
     mix_flops,
 )
 from .sampling import (
     _INF,
-    _finish_point_grad,
     _gather,
     _point_setup,
     _scatter_reduce,
+    _store_point_grad,
     _sparse_sample_op,
     accumulator,
     chain_token,
@@ -93,29 +94,6 @@ def _sample_rows(p_fb, p_ptt, row0, P, T, H, W, C, s_ft, s_fh, s_fw, s_fc, s_pp,
 
 
 @triton.jit
-def _sample_rows_backward(b_g, p_fb, p_dfb, p_ptt, p_dptt, row0, P, T, H, W, C, s_ft, s_fh, s_fw, s_fc, s_pp,
-                          s_pxyz, clamp_x, clamp_y, clamp_t, HAS_CLAMP: tl.constexpr, ROWS: tl.constexpr,
-                          BLOCK_C: tl.constexpr, COMPUTE: tl.constexpr, IS_3D: tl.constexpr):
-    """Backward of `_sample_rows` from the rows' gradient b_g (ROWS, BLOCK_C): map gradient into
-    the chain's accumulator, the points' gradient (clamped, NaN at non-finite points) stored."""
-    o_r = row0 + tl.arange(0, ROWS)
-    m_r = o_r < P
-    (finite, i_x, b_wx0, b_wx1, m_x0, m_x1, i_y, b_wy0, b_wy1, m_y0, m_y1,
-     i_t, b_wt0, b_wt1, m_t0, m_t1) = _point_setup(p_ptt + o_r * s_pp, s_pxyz, m_r, H, W, T, COMPUTE, IS_3D)
-    o_c = tl.arange(0, BLOCK_C)
-    b_dx, b_dy, b_dt = _scatter_reduce(
-        b_g.to(COMPUTE), p_fb, p_dfb, o_c * s_fc, o_c, o_c < C, s_ft, s_fh, s_fw, H * W * C, W * C, C,
-        i_x, b_wx0, b_wx1, m_x0, m_x1, i_y, b_wy0, b_wy1, m_y0, m_y1, i_t, b_wt0, b_wt1, m_t0, m_t1,
-        ROWS, COMPUTE, IS_3D)
-    p_dq = p_dptt + o_r * (3 if IS_3D else 2)
-    tl.store(p_dq, _finish_point_grad(b_dx, W, clamp_x, finite, HAS_CLAMP).to(p_dptt.dtype.element_ty), mask=m_r)
-    tl.store(p_dq + 1, _finish_point_grad(b_dy, H, clamp_y, finite, HAS_CLAMP).to(p_dptt.dtype.element_ty), mask=m_r)
-    if IS_3D:
-        tl.store(p_dq + 2, _finish_point_grad(b_dt, T, clamp_t, finite, HAS_CLAMP).to(p_dptt.dtype.element_ty),
-                 mask=m_r)
-
-
-@triton.jit
 def sample_mix_fwd_kernel(
     p_f, p_pt, p_prm, p_bc, p_bs, p_o,
     T, H, W, C, N, P,
@@ -126,6 +104,7 @@ def sample_mix_fwd_kernel(
     COMPUTE: tl.constexpr, IS_3D: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PA: tl.constexpr, PB: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One program per token: gather its (P, C) tile from the (B, [T,] H, W, C) map, mix it ->
     out (B, N, P, C) contiguous in params' dtype."""
@@ -145,7 +124,7 @@ def sample_mix_fwd_kernel(
 @triton.jit
 def sample_mix_bwd_kernel(
     p_do, p_f, p_pt, p_prm, p_bc, p_bs,
-    p_df, p_dpt, p_dprm, p_dbc, p_dbs,
+    p_df, p_dpt, p_dprm, p_dbc, p_dbs, p_dh,
     T, H, W, C, N, P, clamp_x, clamp_y, clamp_t,
     s_gb, s_gn, s_gp, s_gc,
     s_fb, s_ft, s_fh, s_fw, s_fc,
@@ -155,11 +134,12 @@ def sample_mix_bwd_kernel(
     HAS_CLAMP: tl.constexpr, COMPUTE: tl.constexpr, IS_3D: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PA: tl.constexpr, PB: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Same grid as the forward. Regathers the tile, runs the mixing backward, then the sampling
     backward from the tile's gradient: map gradient into the chain's contiguous fp32 (fp64)
     accumulator, points' gradient (B, N, P, 2|3), params' gradient (B, N, C*C + P*P) and the
-    per-token bias partials (B*N, C), (B*N, P), all contiguous."""
+    per-token bias partials (B*N, C), (B*N, P), all contiguous; dh is a (B*N, P, C) scratch."""
     i_t = tl.program_id(0).to(tl.int64)
     i_b = i_t // N
     i_n = i_t % N
@@ -169,17 +149,55 @@ def sample_mix_bwd_kernel(
                         IS_3D)
     b_xb = _sample_rows(p_fb, p_ptt, PA, P, T, H, W, C, s_ft, s_fh, s_fw, s_fc, s_pp, s_pxyz, PB, BLOCK_C, COMPUTE,
                         IS_3D)
-    b_dxa, b_dxb = _mix_backward(
-        b_xa.to(DOT), b_xb.to(DOT), p_prm + i_b * s_mb + i_n * s_mn, s_mk, p_bc, s_bc, p_bs, s_bs,
+    p_prmt = p_prm + i_b * s_mb + i_n * s_mn
+    p_dht = p_dh + i_t * P * C
+    _mix_backward(
+        b_xa.to(DOT), b_xb.to(DOT), p_prmt, s_mk, p_bc, s_bc, p_bs, s_bs,
         p_do + i_b * s_gb + i_n * s_gn, s_gp, s_gc, p_dprm + i_t * (C * C + P * P), p_dbc + i_t * C, p_dbs + i_t * P,
-        P, C, ACC, DOT, DOT_PRECISION, PA, PB, HAS_B, BLOCK_C, BLOCK_CO)
+        p_dht, P, C, ACC, DOT, DOT_PRECISION, PA, PB, HAS_B, BLOCK_C, BLOCK_CO)
+    # sampling backward from the tile's gradient, a channel block at a time (as _dx_block makes it)
     p_dfb = p_df + i_b * T * H * W * C
-    p_dptt = p_dpt + i_t * P * (3 if IS_3D else 2)
-    _sample_rows_backward(b_dxa, p_fb, p_dfb, p_ptt, p_dptt, 0, P, T, H, W, C, s_ft, s_fh, s_fw, s_fc, s_pp, s_pxyz,
-                          clamp_x, clamp_y, clamp_t, HAS_CLAMP, PA, BLOCK_C, COMPUTE, IS_3D)
+    o_a = tl.arange(0, PA)
+    m_a = o_a < P
+    (fin_a, ix_a, wx0_a, wx1_a, mx0_a, mx1_a, iy_a, wy0_a, wy1_a, my0_a, my1_a,
+     it_a, wt0_a, wt1_a, mt0_a, mt1_a) = _point_setup(p_ptt + o_a * s_pp, s_pxyz, m_a, H, W, T, COMPUTE, IS_3D)
+    gx_a = tl.zeros([PA], dtype=COMPUTE)
+    gy_a = tl.zeros([PA], dtype=COMPUTE)
+    gt_a = tl.zeros([PA], dtype=COMPUTE)
+    o_b = PA + tl.arange(0, PB)
+    m_b = o_b < P
     if HAS_B:
-        _sample_rows_backward(b_dxb, p_fb, p_dfb, p_ptt, p_dptt, PA, P, T, H, W, C, s_ft, s_fh, s_fw, s_fc, s_pp,
-                              s_pxyz, clamp_x, clamp_y, clamp_t, HAS_CLAMP, PB, BLOCK_C, COMPUTE, IS_3D)
+        (fin_b, ix_b, wx0_b, wx1_b, mx0_b, mx1_b, iy_b, wy0_b, wy1_b, my0_b, my1_b,
+         it_b, wt0_b, wt1_b, mt0_b, mt1_b) = _point_setup(p_ptt + o_b * s_pp, s_pxyz, m_b, H, W, T, COMPUTE, IS_3D)
+        gx_b = tl.zeros([PB], dtype=COMPUTE)
+        gy_b = tl.zeros([PB], dtype=COMPUTE)
+        gt_b = tl.zeros([PB], dtype=COMPUTE)
+    for k0 in range(0, C, BLOCK_K):
+        b_dxa, b_dxb = _dx_block(p_dht, p_prmt, s_mk, k0, P, C, ACC, DOT, DOT_PRECISION, PA, PB, HAS_B, BLOCK_K,
+                                 BLOCK_CO)
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < C
+        c_x, c_y, c_t = _scatter_reduce(
+            b_dxa.to(COMPUTE), p_fb, p_dfb, o_k * s_fc, o_k, m_k, s_ft, s_fh, s_fw, H * W * C, W * C, C,
+            ix_a, wx0_a, wx1_a, mx0_a, mx1_a, iy_a, wy0_a, wy1_a, my0_a, my1_a, it_a, wt0_a, wt1_a, mt0_a, mt1_a,
+            PA, COMPUTE, IS_3D)
+        gx_a += c_x
+        gy_a += c_y
+        gt_a += c_t
+        if HAS_B:
+            c_x, c_y, c_t = _scatter_reduce(
+                b_dxb.to(COMPUTE), p_fb, p_dfb, o_k * s_fc, o_k, m_k, s_ft, s_fh, s_fw, H * W * C, W * C, C,
+                ix_b, wx0_b, wx1_b, mx0_b, mx1_b, iy_b, wy0_b, wy1_b, my0_b, my1_b, it_b, wt0_b, wt1_b, mt0_b, mt1_b,
+                PB, COMPUTE, IS_3D)
+            gx_b += c_x
+            gy_b += c_y
+            gt_b += c_t
+    p_dptt = p_dpt + i_t * P * (3 if IS_3D else 2)
+    _store_point_grad(p_dptt, o_a, m_a, gx_a, gy_a, gt_a, T, H, W, clamp_x, clamp_y, clamp_t, fin_a, HAS_CLAMP,
+                      IS_3D)
+    if HAS_B:
+        _store_point_grad(p_dptt, o_b, m_b, gx_b, gy_b, gt_b, T, H, W, clamp_x, clamp_y, clamp_t, fin_b, HAS_CLAMP,
+                          IS_3D)
 
 
 # ----------------------------------------------------------------------------- host wrappers
@@ -195,8 +213,13 @@ def check_fused_inputs(features: Tensor, points: Tensor, params: Tensor, channel
 
 
 def _config(features: Tensor, points: Tensor, params: Tensor, P: int, C: int, backward: bool = False) -> dict:
-    return dict(COMPUTE=_backend.compute_dtype(features, points), IS_3D=points.shape[-1] == 3,
-                **mix_config(P, C, params.dtype, _backend.target(features.device), backward))
+    """mix_config, plus the sampling constexprs; the 3-D backward's epilogue gathers and scatters 8
+    corners per point, so it takes 16 channels at a time (32 spill there)."""
+    is_3d = points.shape[-1] == 3
+    cfg = mix_config(P, C, params.dtype, _backend.target(features.device), backward)
+    if is_3d and backward:
+        cfg["BLOCK_K"] = min(16, cfg["BLOCK_K"])
+    return dict(COMPUTE=_backend.compute_dtype(features, points), IS_3D=is_3d, **cfg)
 
 
 def sample_and_mix_fwd(features: Tensor, points: Tensor, params: Tensor, channel_bias: Tensor, spatial_bias: Tensor,
@@ -236,12 +259,12 @@ def sample_and_mix_bwd(grad_out: Tensor, features: Tensor, points: Tensor, param
     dev = params.device
     d_points = _backend.empty_output((B, N, P, D), dtype=points.dtype, device=dev)
     d_params = _backend.empty_output((B, N, C * C + P * P), dtype=params.dtype, device=dev)
-    dbc, dbs = bias_partials(B, N, P, C, params.dtype, dev)
+    dbc, dbs, dh = backward_buffers(B, N, P, C, params.dtype, dev)
     if B * N > 0 and P * C > 0:
         clamps = ([0.0, 0.0, 0.0] if clamp is None else list(clamp) + [0.0] * (3 - len(clamp)))[:3]
         sample_mix_bwd_kernel[(B * N,)](
             grad_out, features, points, params, channel_bias, spatial_bias,
-            grad_map, d_points, d_params, dbc, dbs,
+            grad_map, d_points, d_params, dbc, dbs, dh,
             T, H, W, C, N, P, *clamps,
             *grad_out.stride(), *map_strides(features), *points.stride(), *params.stride(),
             *channel_bias.stride(), *spatial_bias.stride(),

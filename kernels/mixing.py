@@ -140,14 +140,16 @@ def _mix_forward(
 
 @triton.jit
 def _mix_backward(
-    b_xa, b_xb, p_prm, s_k, p_bc, s_bc, p_bs, s_bs, p_g, s_gp, s_gc, p_dprm, p_dbc, p_dbs, P, C,
+    b_xa, b_xb, p_prm, s_k, p_bc, s_bc, p_bs, s_bs, p_g, s_gp, s_gc, p_dprm, p_dbc, p_dbs, p_dh, P, C,
     ACC: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PA: tl.constexpr, PB: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     """Backward of `_mix_forward` for one token, recomputing h and the pre-activations. Writes the
     token's parameter gradient (contiguous C*C + P*P at p_dprm) and its bias partials (C at p_dbc,
-    P at p_dbs; the host sums them over tokens: deterministic, no atomics), and returns the
-    gradient of x as row blocks (PA, BLOCK_C), (PB, BLOCK_C) in ACC (the second is zero without B)."""
+    P at p_dbs; the host sums them over tokens: deterministic, no atomics), and leaves dH (the
+    gradient at the channel GELU's input, in the dot dtype as the dot sees it) in the token's
+    (P, C) scratch at p_dh, from which `_dx_block` forms the x gradient a channel block at a time:
+    held in registers beside the spatial-weight gradient, the whole x gradient spills on every GPU."""
     o_a = tl.arange(0, PA)
     m_a = o_a < P
     o_b = PA + tl.arange(0, PB)
@@ -157,8 +159,6 @@ def _mix_backward(
     p_ms = p_prm + C * C * s_k
     b_msaa = _ms_tile(p_ms, P, s_k, o_a, m_a, o_a, m_a, DOT)
     b_bsa = tl.load(p_bs + o_a * s_bs, mask=m_a, other=0).to(ACC)
-    b_dxa = tl.zeros([PA, BLOCK_C], dtype=ACC)
-    b_dxb = tl.zeros([PB, BLOCK_C], dtype=ACC)
     b_dmsaa = tl.zeros([PA, PA], dtype=ACC)
     b_dbsa = tl.zeros([PA], dtype=ACC)
     if HAS_B:
@@ -210,16 +210,11 @@ def _mix_backward(
         b_dhpa = tl.where(m_aco, b_dha * _gelu_grad(b_hpa), 0)
         b_dbc = tl.sum(b_dhpa, axis=0)
         b_dhpa = b_dhpa.to(DOT)
-        b_dmc = tl.dot(tl.trans(b_xa), b_dhpa, input_precision=DOT_PRECISION, out_dtype=ACC)
-        b_dxa += tl.dot(b_dhpa, tl.trans(b_mc), input_precision=DOT_PRECISION, out_dtype=ACC)
+        tl.store(p_dh + o_a[:, None] * C + o_co[None, :], b_dhpa, mask=m_aco)
         if HAS_B:
             b_dhpb = tl.where(m_bco, b_dhb * _gelu_grad(b_hpb), 0)
             b_dbc += tl.sum(b_dhpb, axis=0)
-            b_dhpb = b_dhpb.to(DOT)
-            b_dmc += tl.dot(tl.trans(b_xb), b_dhpb, input_precision=DOT_PRECISION, out_dtype=ACC)
-            b_dxb += tl.dot(b_dhpb, tl.trans(b_mc), input_precision=DOT_PRECISION, out_dtype=ACC)
-        tl.store(p_dprm + o_c[:, None] * C + o_co[None, :], b_dmc.to(p_dprm.dtype.element_ty),
-                 mask=m_c[:, None] & m_co[None, :])
+            tl.store(p_dh + o_b[:, None] * C + o_co[None, :], b_dhpb.to(DOT), mask=m_bco)
         tl.store(p_dbc + o_co, b_dbc.to(p_dbc.dtype.element_ty), mask=m_co)
     p_dms = p_dprm + C * C
     tl.store(p_dms + o_a[:, None] * P + o_a[None, :], b_dmsaa.to(p_dprm.dtype.element_ty),
@@ -233,6 +228,49 @@ def _mix_backward(
         tl.store(p_dms + o_b[:, None] * P + o_b[None, :], b_dmsbb.to(p_dprm.dtype.element_ty),
                  mask=m_b[:, None] & m_b[None, :])
         tl.store(p_dbs + o_b, b_dbsb.to(p_dbs.dtype.element_ty), mask=m_b)
+    tl.debug_barrier()  # the scratch was written by other threads of this program: make it visible
+    # dMc[:, j] = x^T dH_j in a second pass: x is needed transposed here, and holding it in both
+    # dot-operand layouts through the first pass spills
+    for i_co in range(0, C, BLOCK_CO):
+        o_co = i_co + tl.arange(0, BLOCK_CO)
+        m_co = o_co < C
+        b_dha = tl.load(p_dh + o_a[:, None] * C + o_co[None, :], mask=m_a[:, None] & m_co[None, :], other=0)
+        b_dmc = tl.dot(tl.trans(b_xa), b_dha.to(DOT), input_precision=DOT_PRECISION, out_dtype=ACC)
+        if HAS_B:
+            b_dhb = tl.load(p_dh + o_b[:, None] * C + o_co[None, :], mask=m_b[:, None] & m_co[None, :], other=0)
+            b_dmc += tl.dot(tl.trans(b_xb), b_dhb.to(DOT), input_precision=DOT_PRECISION, out_dtype=ACC)
+        tl.store(p_dprm + o_c[:, None] * C + o_co[None, :], b_dmc.to(p_dprm.dtype.element_ty),
+                 mask=m_c[:, None] & m_co[None, :])
+
+
+@triton.jit
+def _dx_block(
+    p_dh, p_prm, s_k, k0, P, C,
+    ACC: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PA: tl.constexpr, PB: tl.constexpr, HAS_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """Columns k0 .. k0 + BLOCK_K of the x gradient, dx = sum_j dH_j Mc[:, j]^T, from the dH that
+    `_mix_backward` left at p_dh: row blocks (PA, BLOCK_K), (PB, BLOCK_K) in ACC. A block of
+    channels at a time, so the caller consumes dx (stores it, or turns it into the sampling
+    gradient) without ever holding all of it."""
+    o_a = tl.arange(0, PA)
+    m_a = o_a < P
+    o_b = PA + tl.arange(0, PB)
+    m_b = o_b < P
+    o_k = k0 + tl.arange(0, BLOCK_K)
+    m_k = o_k < C
+    b_dxa = tl.zeros([PA, BLOCK_K], dtype=ACC)
+    b_dxb = tl.zeros([PB, BLOCK_K], dtype=ACC)
+    for i_co in range(0, C, BLOCK_CO):
+        o_co = i_co + tl.arange(0, BLOCK_CO)
+        m_co = o_co < C
+        b_mc = tl.load(p_prm + (o_k[:, None] * C + o_co[None, :]) * s_k, mask=m_k[:, None] & m_co[None, :],
+                       other=0).to(DOT)
+        b_dha = tl.load(p_dh + o_a[:, None] * C + o_co[None, :], mask=m_a[:, None] & m_co[None, :], other=0)
+        b_dxa += tl.dot(b_dha.to(DOT), tl.trans(b_mc), input_precision=DOT_PRECISION, out_dtype=ACC)
+        if HAS_B:
+            b_dhb = tl.load(p_dh + o_b[:, None] * C + o_co[None, :], mask=m_b[:, None] & m_co[None, :], other=0)
+            b_dxb += tl.dot(b_dhb.to(DOT), tl.trans(b_mc), input_precision=DOT_PRECISION, out_dtype=ACC)
     return b_dxa, b_dxb
 
 
@@ -258,6 +296,7 @@ def adaptive_mix_fwd_kernel(
     s_bc, s_bs,
     ACC: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PA: tl.constexpr, PB: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One program per token. x (B, N, P, C), params (B, N, C*C + P*P), biases, all strided ->
     out (B, N, P, C) contiguous."""
@@ -272,7 +311,7 @@ def adaptive_mix_fwd_kernel(
 @triton.jit
 def adaptive_mix_bwd_kernel(
     p_do, p_x, p_prm, p_bc, p_bs,
-    p_dx, p_dprm, p_dbc, p_dbs,
+    p_dx, p_dprm, p_dbc, p_dbs, p_dh,
     N, P, C,
     s_gb, s_gn, s_gp, s_gc,
     s_xb, s_xn, s_xp, s_xc,
@@ -280,26 +319,32 @@ def adaptive_mix_bwd_kernel(
     s_bc, s_bs,
     ACC: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     PA: tl.constexpr, PB: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Same grid as the forward. Writes contiguous dx (B, N, P, C), dparams (B, N, C*C + P*P) and
-    per-token bias partials dbc (B*N, C), dbs (B*N, P)."""
+    per-token bias partials dbc (B*N, C), dbs (B*N, P); dh is a (B*N, P, C) scratch."""
     i_t = tl.program_id(0).to(tl.int64)
     i_b = i_t // N
     i_n = i_t % N
     b_xa, b_xb = _load_x(p_x + i_b * s_xb + i_n * s_xn, s_xp, s_xc, P, C, PA, PB, BLOCK_C, DOT)
-    b_dxa, b_dxb = _mix_backward(
-        b_xa, b_xb, p_prm + i_b * s_pb + i_n * s_pn, s_pk, p_bc, s_bc, p_bs, s_bs,
+    p_prmt = p_prm + i_b * s_pb + i_n * s_pn
+    p_dht = p_dh + i_t * P * C
+    _mix_backward(
+        b_xa, b_xb, p_prmt, s_pk, p_bc, s_bc, p_bs, s_bs,
         p_do + i_b * s_gb + i_n * s_gn, s_gp, s_gc, p_dprm + i_t * (C * C + P * P), p_dbc + i_t * C, p_dbs + i_t * P,
-        P, C, ACC, DOT, DOT_PRECISION, PA, PB, HAS_B, BLOCK_C, BLOCK_CO)
-    o_c = tl.arange(0, BLOCK_C)
+        p_dht, P, C, ACC, DOT, DOT_PRECISION, PA, PB, HAS_B, BLOCK_C, BLOCK_CO)
     o_a = tl.arange(0, PA)
+    o_b = PA + tl.arange(0, PB)
     p_dxt = p_dx + i_t * P * C
-    tl.store(p_dxt + o_a[:, None] * C + o_c[None, :], b_dxa.to(p_dx.dtype.element_ty),
-             mask=(o_a[:, None] < P) & (o_c[None, :] < C))
-    if HAS_B:
-        o_b = PA + tl.arange(0, PB)
-        tl.store(p_dxt + o_b[:, None] * C + o_c[None, :], b_dxb.to(p_dx.dtype.element_ty),
-                 mask=(o_b[:, None] < P) & (o_c[None, :] < C))
+    for k0 in range(0, C, BLOCK_K):
+        b_dxa, b_dxb = _dx_block(p_dht, p_prmt, s_pk, k0, P, C, ACC, DOT, DOT_PRECISION, PA, PB, HAS_B, BLOCK_K,
+                                 BLOCK_CO)
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        tl.store(p_dxt + o_a[:, None] * C + o_k[None, :], b_dxa.to(p_dx.dtype.element_ty),
+                 mask=(o_a[:, None] < P) & (o_k[None, :] < C))
+        if HAS_B:
+            tl.store(p_dxt + o_b[:, None] * C + o_k[None, :], b_dxb.to(p_dx.dtype.element_ty),
+                     mask=(o_b[:, None] < P) & (o_k[None, :] < C))
 
 
 # ----------------------------------------------------------------------------- launch configuration
@@ -330,9 +375,9 @@ def mix_config(P: int, C: int, dtype: torch.dtype, target: _backend.Target, back
     """Constexprs and launch options shared by the forward, backward and fused kernels.
 
     4 warps and 32-wide output-channel blocks keep a token's working set small enough for several
-    tokens per SM; the backward holds the x gradient and four spatial-weight gradient tiles as
-    well, and takes 8 warps and 16-wide output blocks to stay within 255 registers without
-    spilling (4 warps spill ~160 bytes in bf16 on sm_90); fewer pipeline stages
+    tokens per SM; the backward (three passes, see `_mix_backward`) takes 8 warps, 16-wide output
+    blocks and no pipelining to stay within 255 registers without spilling on every arch (the
+    fused 3-D backward, 8 corners per point, spills 32-92 bytes otherwise); fewer pipeline stages
     where shared memory is tight (sm_86/sm_89: 99 KB per block). Checked for every arch by
     `python -m kernels.aot` (registers, spills, shared memory).
     """
@@ -349,8 +394,9 @@ def mix_config(P: int, C: int, dtype: torch.dtype, target: _backend.Target, back
         HAS_B=pb > 0,
         BLOCK_C=block_c,
         BLOCK_CO=min(16 if compact or fp64 or backward else 32, block_c),
+        BLOCK_K=min(32, block_c),
         num_warps=8 if backward else 4,
-        num_stages=1 if compact or fp64 else 2,
+        num_stages=1 if compact or fp64 or backward else 2,
     )
 
 
@@ -384,11 +430,15 @@ def adaptive_mix_fwd(x: Tensor, params: Tensor, channel_bias: Tensor, spatial_bi
     return out
 
 
-def bias_partials(B: int, N: int, P: int, C: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
-    """Per-token bias-gradient partials (B*N, C), (B*N, P) in the accumulation dtype."""
+def backward_buffers(B: int, N: int, P: int, C: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token bias-gradient partials (B*N, C), (B*N, P) in the accumulation dtype, and the
+    (B*N, P, C) scratch of `_mix_backward`'s two passes in the dot dtype (`dtype`, fp32 under the
+    interpreter)."""
     acc = _backend.accumulate_dtype(dtype)
+    scratch = dtype if _backend.dot_dtype(dtype) != tl.float32 or dtype == torch.float32 else torch.float32
     return (_backend.empty_output((B * N, C), dtype=acc, device=device),
-            _backend.empty_output((B * N, P), dtype=acc, device=device))
+            _backend.empty_output((B * N, P), dtype=acc, device=device),
+            torch.empty((B * N, P, C), dtype=scratch, device=device))
 
 
 def adaptive_mix_bwd(grad_out: Tensor, x: Tensor, params: Tensor, channel_bias: Tensor, spatial_bias: Tensor,
@@ -402,11 +452,11 @@ def adaptive_mix_bwd(grad_out: Tensor, x: Tensor, params: Tensor, channel_bias: 
     dev = x.device
     dx = _backend.empty_output((B, N, P, C), dtype=x.dtype, device=dev)
     dparams = _backend.empty_output((B, N, C * C + P * P), dtype=params.dtype, device=dev)
-    dbc, dbs = bias_partials(B, N, P, C, x.dtype, dev)
+    dbc, dbs, dh = backward_buffers(B, N, P, C, x.dtype, dev)
     if B * N > 0 and P * C > 0:
         adaptive_mix_bwd_kernel[(B * N,)](
             grad_out, x, params, channel_bias, spatial_bias,
-            dx, dparams, dbc, dbs,
+            dx, dparams, dbc, dbs, dh,
             N, P, C,
             *grad_out.stride(), *x.stride(), *params.stride(), *channel_bias.stride(), *spatial_bias.stride(),
             **mix_config(P, C, x.dtype, _backend.target(dev), backward=True),

@@ -218,6 +218,18 @@ def _finish_point_grad(b_d, size, clamp, finite, HAS_CLAMP: tl.constexpr):
 
 
 @triton.jit
+def _store_point_grad(p_dptt, o_r, m_r, b_dx, b_dy, b_dt, T, H, W, clamp_x, clamp_y, clamp_t, finite,
+                      HAS_CLAMP: tl.constexpr, IS_3D: tl.constexpr):
+    """The points' gradient of rows o_r (from d/d source index), clamped, NaN at non-finite points."""
+    p_dq = p_dptt + o_r * (3 if IS_3D else 2)
+    tl.store(p_dq, _finish_point_grad(b_dx, W, clamp_x, finite, HAS_CLAMP).to(p_dptt.dtype.element_ty), mask=m_r)
+    tl.store(p_dq + 1, _finish_point_grad(b_dy, H, clamp_y, finite, HAS_CLAMP).to(p_dptt.dtype.element_ty), mask=m_r)
+    if IS_3D:
+        tl.store(p_dq + 2, _finish_point_grad(b_dt, T, clamp_t, finite, HAS_CLAMP).to(p_dptt.dtype.element_ty),
+                 mask=m_r)
+
+
+@triton.jit
 def sparse_sample_fwd_kernel(
     p_f, p_pt, p_o,
     T, H, W, C, N, P, NUM_Q_BLOCKS,
@@ -294,12 +306,8 @@ def sparse_sample_bwd_kernel(
         b_dx += c_dx
         b_dy += c_dy
         b_dt += c_dt
-    p_dq = p_dpt + (i_b * N * P + o_q) * (3 if IS_3D else 2)
-    tl.store(p_dq, _finish_point_grad(b_dx, W, clamp_x, finite, HAS_CLAMP).to(p_dpt.dtype.element_ty), mask=m_q)
-    tl.store(p_dq + 1, _finish_point_grad(b_dy, H, clamp_y, finite, HAS_CLAMP).to(p_dpt.dtype.element_ty), mask=m_q)
-    if IS_3D:
-        tl.store(p_dq + 2, _finish_point_grad(b_dt, T, clamp_t, finite, HAS_CLAMP).to(p_dpt.dtype.element_ty),
-                 mask=m_q)
+    _store_point_grad(p_dpt + i_b * N * P * (3 if IS_3D else 2), o_q, m_q, b_dx, b_dy, b_dt, T, H, W,
+                      clamp_x, clamp_y, clamp_t, finite, HAS_CLAMP, IS_3D)
 
 
 # ----------------------------------------------------------------------------- host wrappers
