@@ -1,5 +1,6 @@
-"""SparseFormer v1 (T/S/B and a CPU-sized nano), DeiT baselines, the authors' checkpoint
-converter and a FLOP counter. `create_model(name, **overrides)` is the way in."""
+"""SparseFormer v1 (T/S/B and a CPU-sized nano), DeiT baselines, the authors' checkpoint converter
+(v1 and v2 layouts), released weights through the torch hub cache (hub.py) and a FLOP counter.
+`create_model(name, pretrained=False, **overrides)` is the way in."""
 from .factory import create_model, list_models
 from .flops import count_flops
 from .sparseformer import (
