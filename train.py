@@ -237,12 +237,12 @@ def resume(state: TrainState, cfg: DictConfig, run_dir: Path, info: dist.DistInf
         if tr.resume == "auto" and info.is_main:
             log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", run_dir / "checkpoints")
         return
-    schedule = state.schedule
+    schedule, config = state.schedule, state.config
     state.restore(path, info)
     if state.schedule != schedule and info.is_main:
         log.warning("the config's lr schedule %s differs from the checkpoint's %s: following the config",
                     schedule, state.schedule)
-    state.schedule = schedule
+    state.schedule, state.config = schedule, config  # this run's, saved from now on
     if info.is_main:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batch_in_epoch)
 
