@@ -26,7 +26,6 @@ malformed line is an error that names the path.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .imagenet import random_resized_crop_box
+from .imagenet import random_resized_crop_box, scan_class_folders
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +64,6 @@ def read_list_file(list_file: Path, root: Path) -> list[tuple[str, int]]:
     return samples
 
 
-def find_class_folders(split_dir: Path) -> tuple[list[tuple[str, int]], list[str]]:
-    """(path, class index) for every video under split_dir/<class>/, classes sorted by name."""
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
-    samples = []
-    for c, name in enumerate(classes):
-        for folder, _, files in sorted(os.walk(split_dir / name)):
-            samples += [(os.path.join(folder, f), c) for f in sorted(files) if f.lower().endswith(VIDEO_EXTENSIONS)]
-    if not samples:
-        raise ValueError(f"{split_dir}: no videos found (expected {split_dir}/<class>/*.mp4)")
-    return samples, classes
-
-
 def find_videos(root: Path, split: str, list_file: str | Path | None = None):
     """(samples [(path, label)], class names or None for a list file) for one split."""
     if not root.is_dir():
@@ -89,7 +76,10 @@ def find_videos(root: Path, split: str, list_file: str | Path | None = None):
     if (root / f"{split}.csv").is_file():
         return read_list_file(root / f"{split}.csv", root), None
     if (root / split).is_dir():
-        return find_class_folders(root / split)
+        samples, classes = scan_class_folders(root / split, VIDEO_EXTENSIONS)
+        if not samples:
+            raise ValueError(f"{root / split}: no videos found (expected {root / split}/<class>/*.mp4)")
+        return samples, classes
     raise FileNotFoundError(f"Kinetics split {split!r} not found under {root}: expected {root / f'{split}.csv'} "
                             f"('path label' lines) or class folders {root / split}/<class>/*.mp4")
 
