@@ -68,18 +68,18 @@ def test_vivit_refuses_frames_not_divisible_by_the_tubelet():
 def test_frame_averaging_is_blind_to_frame_order():
     m = FrameAveraged(FRAMEWISE_VARIANTS["framewise_sparseformer_nano"]["image_model"], num_classes=8, in_chans=1,
                       image_kwargs=TINY_SPARSEFORMER).eval()
-    x = torch.randn(3, 1, 5, 32, 32)
+    x = torch.randn(2, 1, 3, 32, 32)
     with torch.no_grad():
         logits = m(x)
-        per_frame = torch.stack([m.image_model(x[:, :, t]) for t in range(5)], 1).mean(1)
+        per_frame = torch.stack([m.image_model(x[:, :, t]) for t in range(3)], 1).mean(1)
         torch.testing.assert_close(logits, per_frame)
-        for perm in (torch.tensor([4, 3, 2, 1, 0]), torch.randperm(5)):
+        for perm in (torch.tensor([2, 1, 0]), torch.tensor([1, 2, 0])):
             torch.testing.assert_close(m(x[:, :, perm]), logits, rtol=1e-5, atol=1e-6)
         # on moving digits, a clip and its time reversal (class k vs k + 4) get the same logits
         ds, rev = MovingDigits("test", canvas_size=48, speed=(2, 2)), MovingDigits("test", canvas_size=48,
                                                                                       speed=(2, 2), reverse=True)
         (a, ya), (b, yb) = ds[(0, 0)], rev[(0, 0)]
-        torch.testing.assert_close(m(a[None, :, :5].float())[0], m(b[None, :, -5:].float())[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m(a[None, :, :3].float())[0], m(b[None, :, -3:].float())[0], rtol=1e-5, atol=1e-6)
         assert ya != yb
     assert m.no_weight_decay() == {"image_model.token_roi"} and m.num_classes == 8 and m.in_chans == 1
 
