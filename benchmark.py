@@ -5,6 +5,7 @@
     python benchmark.py sweep.models=[sparseformer_t,deit_small] sweep.resolutions=[224,512] sweep.modes=[inference]
     python benchmark.py accuracy_file=acc.csv    # + accuracy-vs-throughput plot (CSV columns model,top1)
     python benchmark.py mode=kernels             # kernel micro-benchmarks (kernels/benchmark.py)
+    python benchmark.py mode=memory              # activation memory and step time of the memory options
 
 Every point (model, tokens, resolution, mode) reports: throughput (img/s at sweep.batch_size, median
 of sweep.repeats timed calls after warm-up), batch-1 latency (median), peak memory, parameters and
@@ -53,6 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from model import count_flops, create_model, list_models
+from model.memory import saved_tensor_bytes
 from model.sparseformer import VARIANTS as SPARSEFORMER_VARIANTS
 from model.sparseformer import SparseFormer
 
@@ -60,7 +62,7 @@ log = logging.getLogger("benchmark")
 
 COLUMNS = [
     "model", "tokens", "resolution", "batch_size", "mode", "backend", "device", "precision",
-    "throughput_img_s", "latency_ms", "peak_mem_mb", "params", "gmacs", "gmacs_without_mixing",
+    "throughput_img_s", "latency_ms", "peak_mem_mb", "saved_mib_per_img", "params", "gmacs", "gmacs_without_mixing",
     "status", "threads", "repeats", "throughput_min_img_s", "throughput_max_img_s",
 ]  # fmt: skip
 MODES = ("inference", "train")
@@ -296,6 +298,10 @@ def run_sweep(cfg: DictConfig, device: torch.device, progress: bool = True) -> l
                     bar.update(1)
                     done[p] += 1
                 static[p]["peak_mem_mb"] = runner.peak_memory_mb(sweep.batch_size)
+                if p.mode == "train":  # activation memory: what autograd keeps for backward, per image
+                    x = runner.inputs[sweep.batch_size][0]
+                    static[p]["saved_mib_per_img"] = saved_tensor_bytes(model, x, PRECISIONS[cfg.precision]) / \
+                        len(x) / 2**20
                 bar.update(1)
                 done[p] += 1
             except Exception as err:  # noqa: BLE001  (anything but an OOM is re-raised)
@@ -471,8 +477,8 @@ def _fmt(value, spec: str) -> str:
 def format_rows(rows: list[dict]) -> str:
     """Markdown table of the result rows."""
     cols = [("model", ""), ("tokens", ""), ("resolution", ""), ("mode", ""), ("throughput_img_s", ".2f"),
-            ("latency_ms", ".1f"), ("peak_mem_mb", ".0f"), ("params", ","), ("gmacs", ".2f"),
-            ("gmacs_without_mixing", ".2f"), ("status", "")]
+            ("latency_ms", ".1f"), ("peak_mem_mb", ".0f"), ("saved_mib_per_img", ".1f"), ("params", ","),
+            ("gmacs", ".2f"), ("gmacs_without_mixing", ".2f"), ("status", "")]
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[c], f) for c, f in cols) + " |")
@@ -543,6 +549,57 @@ def run_kernels(cfg: DictConfig, device: torch.device, run_dir: Path) -> list[di
     return rows
 
 
+MEMORY_OPTIONS = {  # the SparseFormer keys that trade activation memory for compute (docs/BENCHMARKS.md)
+    "eager": dict(fused_sample_mix=False, recompute_stem=False),
+    "fused": dict(fused_sample_mix=True, recompute_stem=False),
+    "fused+recompute_stem": dict(fused_sample_mix=True, recompute_stem=True),
+    "fused+recompute_stem+checkpoint_cortex": dict(fused_sample_mix=True, recompute_stem=True,
+                                                   checkpoint_cortex=True),
+}
+
+
+def run_memory(cfg: DictConfig, device: torch.device, run_dir: Path) -> list[dict]:
+    """mode=memory: per option set of MEMORY_OPTIONS, SparseFormer's saved-for-backward bytes per
+    image (autograd's saved-tensor hooks) and its training-step time, all timed round-robin in one
+    run (medians); written as memory.csv / memory.json / memory.txt."""
+    mem = cfg.memory
+    rows, runners, times = [], {}, {}
+    for name, options in MEMORY_OPTIONS.items():
+        torch.manual_seed(cfg.seed)
+        model = create_model(mem.model, backend=cfg.backend, **options).to(device)
+        runner = Runner(model, "train", mem.batch_size, mem.resolution, device, cfg.precision, cfg.seed)
+        x = runner.inputs[mem.batch_size][0]
+        saved = saved_tensor_bytes(model, x, PRECISIONS[cfg.precision]) / len(x) / 2**20
+        for _ in range(cfg.sweep.warmup):
+            runner.step(mem.batch_size)
+        runners[name], times[name] = runner, []
+        rows.append(dict(model=mem.model, options=name, resolution=mem.resolution, batch_size=mem.batch_size,
+                         backend=cfg.backend, precision=cfg.precision, device=str(device), saved_mib_per_img=saved))
+    for _ in range(cfg.sweep.repeats):
+        for name, runner in runners.items():
+            times[name].append(runner.timed(mem.batch_size))
+    base = statistics.median(times["eager"])
+    for row in rows:
+        step = statistics.median(times[row["options"]])
+        row.update(step_ms=step * 1e3, step_time_vs_eager=step / base)
+    cols = [("options", "{}"), ("saved_mib_per_img", "{:.1f}"), ("step_ms", "{:.0f}"), ("step_time_vs_eager", "{:.3f}")]
+    meta = machine_info(device)
+    table = "\n".join(
+        [f"{mem.model} at {mem.resolution} px, batch {mem.batch_size}, backend={cfg.backend}, {cfg.precision}, "
+         f"{device}; median of {cfg.sweep.repeats} steps, round-robin; {meta['cpu']}, {meta['date_utc']} UTC", "",
+         "| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+        + ["| " + " | ".join(f.format(r[c]) for c, f in cols) + " |" for r in rows])
+    print(table)
+    (run_dir / "memory.txt").write_text(table + "\n")
+    with (run_dir / "memory.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (run_dir / "memory.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"memory benchmark written to {run_dir}/memory.txt, memory.csv and memory.json")
+    return rows
+
+
 def keep_freed_memory() -> bool:
     """glibc only: raise the mmap and trim thresholds (mallopt) so that freed activation buffers stay
     in the heap for the next call instead of going back to the OS and being page-faulted in again
@@ -564,8 +621,10 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> list[dict]:
     malloc_tuned = device.type == "cpu" and cfg.keep_freed_memory and keep_freed_memory()
     if cfg.mode == "kernels":
         return run_kernels(cfg, device, run_dir)
+    if cfg.mode == "memory":
+        return run_memory(cfg, device, run_dir)
     if cfg.mode != "sweep":
-        raise ValueError(f"mode must be sweep or kernels, got {cfg.mode!r}")
+        raise ValueError(f"mode must be sweep, kernels or memory, got {cfg.mode!r}")
     accuracy = read_accuracy_file(cfg.accuracy_file) if cfg.accuracy_file else None
     started = time.perf_counter()
     rows = run_sweep(cfg, device, progress=progress)

@@ -22,18 +22,25 @@ log = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
 
+def scan_class_folders(split_dir: Path, extensions: tuple[str, ...]) -> tuple[list[tuple[str, int]], list[str]]:
+    """(path, class index) for every file with one of `extensions` under split_dir/<class>/ (any
+    depth), and the class names sorted; either may be empty."""
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    samples = []
+    for c, name in enumerate(classes):
+        for root, _, files in sorted(os.walk(split_dir / name)):
+            samples += [(os.path.join(root, f), c) for f in sorted(files) if f.lower().endswith(extensions)]
+    return samples, classes
+
+
 def find_samples(split_dir: Path) -> tuple[list[tuple[str, int]], list[str]]:
     """(path, class index) for every image under split_dir/<class>/, classes sorted by name."""
     if not split_dir.is_dir():
         raise FileNotFoundError(f"ImageNet split folder not found: {split_dir} "
                                 "(expected root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG)")
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    samples, classes = scan_class_folders(split_dir, IMG_EXTENSIONS)
     if not classes:
         raise FileNotFoundError(f"no class folders in {split_dir}")
-    samples = []
-    for c, name in enumerate(classes):
-        for root, _, files in sorted(os.walk(split_dir / name)):
-            samples += [(os.path.join(root, f), c) for f in sorted(files) if f.lower().endswith(IMG_EXTENSIONS)]
     if not samples:
         raise FileNotFoundError(f"no images found under {split_dir}")
     return samples, classes

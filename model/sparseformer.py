@@ -448,10 +448,9 @@ class SparseFormer(nn.Module):
             raise ValueError(f"SparseFormer: drop_path_rate must be in [0, 1), got {drop_path_rate}")
         if backend not in BACKENDS:
             raise ValueError(f"SparseFormer: backend must be one of {BACKENDS}, got {backend!r}")
-        if fused_sample_mix not in ("auto", True, False):
-            raise ValueError(f"SparseFormer: fused_sample_mix must be 'auto', true or false, got {fused_sample_mix!r}")
-        if recompute_stem not in ("auto", True, False):
-            raise ValueError(f"SparseFormer: recompute_stem must be 'auto', true or false, got {recompute_stem!r}")
+        for key, value in (("fused_sample_mix", fused_sample_mix), ("recompute_stem", recompute_stem)):
+            if value != "auto" and not isinstance(value, bool):
+                raise ValueError(f"SparseFormer: {key} must be 'auto', true or false, got {value!r}")
         if not isinstance(checkpoint_cortex, bool):
             raise ValueError(f"SparseFormer: checkpoint_cortex must be true or false, got {checkpoint_cortex!r}")
         self.num_tokens, self.num_points, self.in_chans = num_tokens, num_points, in_chans

@@ -145,7 +145,30 @@ def test_kernel_mode_runs_the_kernel_benchmarks(tmp_path):
     cfg = config("mode=kernels", "kernels.variants=[sparseformer_t]", "kernels.dtypes=[fp32]",
                  "kernels.batch_sizes=[1]", "kernels.passes=[fwd]", "kernels.repeats=1")
     rows = benchmark.run(cfg, tmp_path, progress=False)
-    kernels = {"sparse_sample", "adaptive_mix", "sample_and_mix"}  # the fused op is benchmarked too
-    assert {(r["kernel"], r["impl"]) for r in rows} == {(k, "reference") for k in kernels}
+    assert {(r["kernel"], r["impl"]) for r in rows} == {("sparse_sample", "reference"), ("adaptive_mix", "reference"),
+                                                        ("sample_and_mix", "reference")}
     assert len(read_csv(tmp_path / "kernels.csv")) == 3
     assert json.loads((tmp_path / "kernels.json").read_text())["rows"][0]["time_ms"] > 0
+
+
+def test_training_rows_report_activation_memory(tmp_path):
+    """Training points carry the bytes autograd saves for backward per image (deterministic); inference
+    points have none."""
+    cfg = config("logger.mode=disabled", "sweep.modes=[inference,train]", "sweep.models=[sparseformer_nano]")
+    rows = benchmark.run(cfg, tmp_path, progress=False)
+    by_mode = {r["mode"]: r for r in rows}
+    assert by_mode["inference"]["saved_mib_per_img"] is None
+    model = benchmark.create_model("sparseformer_nano").train()
+    expected = benchmark.saved_tensor_bytes(model, torch.randn(2, 3, 64, 64)) / 2 / 2**20
+    assert by_mode["train"]["saved_mib_per_img"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_memory_mode_measures_every_option(tmp_path):
+    cfg = config("mode=memory", "memory.model=sparseformer_nano", "memory.resolution=32", "memory.batch_size=2",
+                 "backend=torch")
+    rows = benchmark.run(cfg, tmp_path, progress=False)
+    assert [r["options"] for r in rows] == list(benchmark.MEMORY_OPTIONS)
+    saved = [r["saved_mib_per_img"] for r in rows]
+    assert saved == sorted(saved, reverse=True) and saved[0] > saved[-1] > 0
+    assert rows[0]["step_time_vs_eager"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
+    assert len(read_csv(tmp_path / "memory.csv")) == 4 and "saved_mib_per_img" in (tmp_path / "memory.txt").read_text()

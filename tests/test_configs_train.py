@@ -126,10 +126,16 @@ def test_model_configs_hold_only_the_name():
         assert "name" not in OmegaConf.load(CONF / group / f"{'adamw' if group == 'optim' else 'cosine'}.yaml")
 
 
+# data configs that are drafts, not yet wired to a builder (the video datasets); wiring one removes it here
+UNWIRED_DATA = {"kinetics", "moving_digits"}
+
+
 def test_every_data_config_names_a_builder_that_checks_its_keys(imagenet_root):
     from data import COMMON_KEYS, DatasetBuilder, builder_from_config
 
-    for path in (CONF / "data").glob("*.yaml"):
+    paths = sorted((CONF / "data").glob("*.yaml"))
+    assert {p.stem for p in paths if "_target_" not in OmegaConf.load(p)} == UNWIRED_DATA
+    for path in (p for p in paths if p.stem not in UNWIRED_DATA):
         cfg = compose_cfg([f"data={path.stem}", f"data.root={imagenet_root}"] if path.stem == "imagenet"
                           else [f"data={path.stem}"])
         builder = builder_from_config(cfg.data)

@@ -1,0 +1,252 @@
+"""Kinetics-400 (and any video classification set) in the layouts the field uses, decoded with PyAV
+(its wheel bundles FFmpeg) on the loader's CPU workers.
+
+Layouts, for split in {train, val}, tried in this order:
+  1. a list file `root/<split>.csv` (or `list_file=`): one `path label` line per video, separated by
+     a space or a comma (SlowFast / VideoMAE / mmaction2), path relative to `root` or absolute, label
+     an integer class index; blank lines and lines starting with `#` are ignored;
+  2. class folders `root/<split>/<class name>/*.mp4` (also .webm .mkv .avi .mov), classes sorted by name.
+
+Clip sampling (SlowFast / VideoMAE): a clip is `num_frames` frames `frame_stride` apart (a span of
+(num_frames - 1) * frame_stride + 1 frames; indices past the last frame repeat the last frame).
+- Training: one clip at a uniformly random start (temporal jitter), one random-resized-crop box and
+  one flip decision for all its frames (`imagenet.random_resized_crop_box`), resized to image_size².
+  Item: (uint8 clip (3, T, S, S), label).
+- Evaluation: `test_clips` clips whose starts are the centres of equal segments of the video (one clip
+  = the centre clip), each resized so that its short side is image_size, then `test_crops` square
+  crops along the long side (3: start, centre, end, i.e. left/centre/right or top/centre/bottom;
+  1: centre). Item: (uint8 views (V, 3, T, S, S), label), V = test_clips * test_crops, clip-major:
+  view v is clip v // test_crops, crop v % test_crops. Batched, (B, V, 3, T, S, S): the evaluator runs
+  `fold_views` and averages the logits with `average_view_logits`.
+
+A missing, undecodable or truncated video is logged once (per loader worker) with its path and the
+item is None: `collate_skip_none` drops it and counts it. A missing root, a list with no videos or a
+malformed line is an error that names the path.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .imagenet import random_resized_crop_box, scan_class_folders
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+_LIST_LINE = re.compile(r"^(.+?)\s*[,\s]\s*(\d+)$")  # the path (may hold spaces), one separator, the label
+
+
+class UnreadableVideo(Exception):
+    """A video that cannot give the frames a clip needs (corrupt, truncated, no video stream)."""
+
+
+def read_list_file(list_file: Path, root: Path) -> list[tuple[str, int]]:
+    """`path label` lines (space or comma separated; the path may itself hold spaces) -> (path, label)."""
+    samples = []
+    for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = _LIST_LINE.match(line)
+        if match is None:
+            raise ValueError(f"{list_file}:{lineno}: expected 'path label' (space or comma separated, integer label), "
+                             f"got {line!r}")
+        path = Path(match[1])
+        samples.append((str(path if path.is_absolute() else root / path), int(match[2])))
+    if not samples:
+        raise ValueError(f"{list_file}: no videos listed (expected 'path label' lines)")
+    return samples
+
+
+def find_videos(root: Path, split: str, list_file: str | Path | None = None):
+    """(samples [(path, label)], class names or None for a list file) for one split."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"Kinetics root not found: {root}")
+    if list_file is not None:
+        list_file = Path(list_file) if Path(list_file).is_absolute() else root / list_file
+        if not list_file.is_file():
+            raise FileNotFoundError(f"Kinetics list file not found: {list_file}")
+        return read_list_file(list_file, root), None
+    if (root / f"{split}.csv").is_file():
+        return read_list_file(root / f"{split}.csv", root), None
+    if (root / split).is_dir():
+        samples, classes = scan_class_folders(root / split, VIDEO_EXTENSIONS)
+        if not samples:
+            raise ValueError(f"{root / split}: no videos found (expected {root / split}/<class>/*.mp4)")
+        return samples, classes
+    raise FileNotFoundError(f"Kinetics split {split!r} not found under {root}: expected {root / f'{split}.csv'} "
+                            f"('path label' lines) or class folders {root / split}/<class>/*.mp4")
+
+
+def clip_indices(start: int, num_frames: int, stride: int, total: int) -> np.ndarray:
+    """Frame indices of one clip, (num_frames,): start, start + stride, ..., clamped to the last frame."""
+    return np.minimum(start + stride * np.arange(num_frames), total - 1)
+
+
+def decode_frames(path: str, choose) -> np.ndarray:
+    """Decode the frames a sampler asks for: `choose(total_frames)` -> indices (any shape, repeats
+    allowed). Returns uint8 frames (*indices.shape, H, W, 3). Decoding stops after the last frame
+    needed; a container that does not state its frame count is decoded whole first.
+    Raises UnreadableVideo when the video holds fewer frames than its header says."""
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise UnreadableVideo("no video stream")
+        stream = container.streams.video[0]
+        total = stream.frames
+        if total <= 0:  # webm/mkv often omit it: count by decoding
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            if not frames:
+                raise UnreadableVideo("no frames decoded")
+            idx = np.asarray(choose(len(frames)))
+            return np.stack([frames[i] for i in idx.reshape(-1)]).reshape(*idx.shape, *frames[0].shape)
+        idx = np.asarray(choose(total))
+        needed, last = set(idx.reshape(-1).tolist()), int(idx.max())
+        kept, count = {}, 0
+        for i, frame in enumerate(container.decode(stream)):
+            count = i + 1
+            if i in needed:
+                kept[i] = frame.to_ndarray(format="rgb24")
+            if i >= last:
+                break
+        if len(kept) < len(needed):
+            raise UnreadableVideo(f"truncated: decoded {count} of the {total} frames its header states")
+        first = kept[last]
+        return np.stack([kept[i] for i in idx.reshape(-1)]).reshape(*idx.shape, *first.shape)
+
+
+def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (T, 3, h, w) -> uint8 (T, 3, *size), bilinear with antialiasing (the same op on every frame)."""
+    out = F.interpolate(frames.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def short_side_crops(frames: torch.Tensor, size: int, num_crops: int) -> torch.Tensor:
+    """uint8 (T, 3, h, w) -> (num_crops, T, 3, size, size): short side resized to `size`, then square
+    crops at the start, centre and end of the long side (num_crops=3) or the centre only (1)."""
+    h, w = frames.shape[-2:]
+    nh, nw = (size, max(size, round(w * size / h))) if h <= w else (max(size, round(h * size / w)), size)
+    frames = resize_frames(frames, (nh, nw))
+    slack_y, slack_x = nh - size, nw - size
+    positions = (0.5,) if num_crops == 1 else (0.0, 0.5, 1.0)
+    crops = []
+    for p in positions:
+        y, x = round(slack_y * p), round(slack_x * p)
+        crops.append(frames[..., y:y + size, x:x + size])
+    return torch.stack(crops)
+
+
+class KineticsClips(Dataset):
+    """Item key (index, seed) -> training (uint8 clip (3, T, S, S), label); evaluation
+    (uint8 views (V, 3, T, S, S), label), V = test_clips * test_crops clip-major; or None when the
+    video cannot be read (logged once with its path)."""
+
+    in_chans = 3
+
+    def __init__(self, root: str | Path, split: str = "train", train: bool = True, num_frames: int = 16,
+                 frame_stride: int = 4, image_size: int = 224, test_clips: int = 5, test_crops: int = 3,
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, num_classes: int | None = None,
+                 list_file: str | Path | None = None):
+        for key, value in (("num_frames", num_frames), ("frame_stride", frame_stride), ("test_clips", test_clips)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"KineticsClips: {key}={value!r} must be a positive integer")
+        if not isinstance(image_size, int) or image_size < 8:
+            raise ValueError(f"KineticsClips: image_size={image_size!r} must be an integer >= 8")
+        if test_crops not in (1, 3):
+            raise ValueError(f"KineticsClips: test_crops={test_crops!r} must be 1 (centre) or 3 (start, centre, end)")
+        if not 0 < scale[0] <= scale[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"KineticsClips: scale={list(scale)} must satisfy 0 < min <= max <= 1 and "
+                             f"ratio={list(ratio)} 0 < min <= max")
+        if not 0 <= hflip <= 1:
+            raise ValueError(f"KineticsClips: hflip={hflip} is a probability, in [0, 1]")
+        self.root = Path(root).expanduser()
+        self.samples, self.classes = find_videos(self.root, split, list_file)
+        labels = [label for _, label in self.samples]
+        self.num_classes = len(self.classes) if self.classes is not None else max(labels) + 1
+        if num_classes is not None:
+            if max(labels) >= num_classes:
+                raise ValueError(f"KineticsClips: {split} lists label {max(labels)} but num_classes={num_classes}")
+            self.num_classes = num_classes
+        self.train, self.num_frames, self.frame_stride, self.image_size = train, num_frames, frame_stride, image_size
+        self.test_clips, self.test_crops = test_clips, test_crops
+        self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
+        self.reported: set[str] = set()  # paths already logged in this process
+
+    @property
+    def num_views(self) -> int:
+        return 1 if self.train else self.test_clips * self.test_crops
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def starts(self, total: int, rng: np.random.Generator | None) -> list[int]:
+        """Clip start frames: one random start (training) or the centres of `test_clips` equal segments."""
+        slack = max(total - ((self.num_frames - 1) * self.frame_stride + 1), 0)
+        if rng is not None:
+            return [int(rng.integers(0, slack + 1))]
+        return [int(slack * (i + 0.5) / self.test_clips) for i in range(self.test_clips)]
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, key)
+        path, label = self.samples[index]
+        rng = np.random.default_rng(seed) if self.train else None
+        try:
+            frames = decode_frames(path, lambda total: np.stack(
+                [clip_indices(s, self.num_frames, self.frame_stride, total) for s in self.starts(total, rng)]))
+        except Exception as e:  # missing, corrupt or truncated: one bad video must not end a run
+            if path not in self.reported:
+                self.reported.add(path)
+                log.warning("skipping unreadable video %s (%s: %s)", path, type(e).__name__, e)
+            return None
+        clips = torch.from_numpy(frames).permute(0, 1, 4, 2, 3)  # (clips, T, 3, h, w)
+        s = self.image_size
+        if self.train:
+            h, w = clips.shape[-2:]
+            left, top, right, bottom = random_resized_crop_box(w, h, rng, self.scale, self.ratio)
+            clip = resize_frames(clips[0, :, :, top:bottom, left:right], (s, s))
+            if rng.random() < self.hflip:
+                clip = clip.flip(-1)
+            return clip.transpose(0, 1).contiguous(), label  # (3, T, S, S)
+        views = torch.cat([short_side_crops(c, s, self.test_crops) for c in clips])  # (V, T, 3, S, S)
+        return views.transpose(1, 2).contiguous(), label  # (V, 3, T, S, S)
+
+
+def fold_views(x: torch.Tensor) -> torch.Tensor:
+    """Test views (B, V, C, T, H, W) -> a batch of clips (B·V, C, T, H, W), clip b·V + v = view v of b."""
+    return x.flatten(0, 1)
+
+
+def average_view_logits(logits: torch.Tensor, num_views: int) -> torch.Tensor:
+    """Logits of folded views (B·V, K) -> the clip's logits averaged over its V views, (B, K)."""
+    return logits.view(-1, num_views, logits.shape[-1]).mean(1)
+
+
+def build_kinetics(root: str | Path | None, num_frames: int = 16, frame_stride: int = 4, image_size: int = 224,
+                   test_clips: int = 5, test_crops: int = 3, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                   hflip: float = 0.5, num_classes: int | None = None, train_list: str | None = None,
+                   val_list: str | None = None) -> tuple[KineticsClips, KineticsClips, dict]:
+    """The Kinetics train and val sets and what the model needs to know about them.
+
+    Returns (train_set, val_set, info) with info = {"num_classes", "in_chans": 3, "image_size",
+    "num_frames", "num_views": test_clips * test_crops}; num_classes is the train split's (its class
+    folders, or its largest label + 1) unless given.
+    """
+    if root is None or str(root) == "":
+        raise FileNotFoundError("data.root is not set: pass data.root=/path/to/kinetics or set KINETICS_ROOT")
+    common = dict(num_frames=num_frames, frame_stride=frame_stride, image_size=image_size)
+    train = KineticsClips(root, "train", train=True, scale=scale, ratio=ratio, hflip=hflip, num_classes=num_classes,
+                          list_file=train_list, **common)
+    val = KineticsClips(root, "val", train=False, test_clips=test_clips, test_crops=test_crops,
+                        num_classes=train.num_classes, list_file=val_list, **common)
+    if train.classes is not None and val.classes is not None and train.classes != val.classes:
+        raise ValueError(f"{train.root}: train and val hold different class folders")
+    info = {"num_classes": train.num_classes, "in_chans": 3, "image_size": image_size, "num_frames": num_frames,
+            "num_views": val.num_views}
+    return train, val, info
