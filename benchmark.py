@@ -61,7 +61,7 @@ from model.sparseformer import SparseFormer
 log = logging.getLogger("benchmark")
 
 COLUMNS = [
-    "model", "tokens", "resolution", "batch_size", "mode", "backend", "device", "precision",
+    "model", "tokens", "resolution", "frames", "batch_size", "mode", "backend", "device", "precision",
     "throughput_img_s", "latency_ms", "peak_mem_mb", "saved_mib_per_img", "params", "gmacs", "gmacs_without_mixing",
     "status", "threads", "repeats", "throughput_min_img_s", "throughput_max_img_s",
 ]  # fmt: skip
@@ -72,12 +72,14 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ----------------------------------------------------------------------------- the points of a sweep
 @dataclass(frozen=True)
 class Point:
-    """One measurement: `tokens` is None for a model's default token count (and for dense models)."""
+    """One measurement: `tokens` is None for a model's default token count (and for dense models);
+    `frames` is set for video models (clips of that many frames)."""
 
     model: str
     tokens: int | None
     resolution: int
     mode: str
+    frames: int | None = None
 
 
 def is_sparseformer(name: str) -> bool:
@@ -108,12 +110,37 @@ def sweep_points(sweep: DictConfig) -> list[Point]:
                     counts = []
                 for t in [None, *counts]:
                     points.append(Point(name, None if t in (None, default) else int(t), res, mode))
+        points += video_points(sweep, mode)
     return list(dict.fromkeys(points))
+
+
+def video_points(sweep: DictConfig, mode: str) -> list[Point]:
+    """sweep.video: every video model at every frame count at video.resolution; VideoSparseFormer also
+    at each of video.tokens (spatial tokens per replicate) at video.token_frames."""
+    video = sweep.get("video")
+    if not video or not video.models:
+        return []
+    unknown = [m for m in video.models if m not in list_models()]
+    if unknown:
+        raise ValueError(f"unknown video model(s) {unknown}; models: {list_models()}")
+    points = []
+    for name in video.models:
+        for frames in video.frames:
+            points.append(Point(name, None, video.resolution, mode, int(frames)))
+        if is_video_sparseformer(name):
+            points += [Point(name, int(t), video.resolution, mode, int(video.token_frames)) for t in video.tokens]
+    return points
+
+
+def is_video_sparseformer(name: str) -> bool:
+    return name.startswith("videosparseformer")
 
 
 def build_model(point: Point, backend: str) -> nn.Module:
     """The model of a point on the CPU (moved to the device by the caller)."""
-    if is_sparseformer(point.model):
+    if point.frames is not None and not is_video_sparseformer(point.model):  # a dense video model (ViViT)
+        return create_model(point.model, img_size=point.resolution, num_frames=point.frames)
+    if is_sparseformer(point.model) or is_video_sparseformer(point.model):
         overrides = {"backend": backend}
         if point.tokens is not None:
             overrides["num_tokens"] = point.tokens
@@ -125,7 +152,9 @@ def token_count(model: nn.Module, resolution: int) -> int:
     """SparseFormer: its latent tokens; a ViT: its sequence length (patches + class token)."""
     if isinstance(model, SparseFormer):
         return model.num_tokens
-    return (resolution // model.patch_embed.stride[0]) ** 2 + 1
+    frames = getattr(model, "num_frames", None)  # ViViT: tubelets of tubelet_size frames
+    per_frame = (resolution // model.patch_embed.stride[-1]) ** 2
+    return (per_frame * (frames // model.tubelet_size) if frames else per_frame) + 1
 
 
 # ----------------------------------------------------------------------------- one step, timed
@@ -145,14 +174,16 @@ class Runner:
     """Holds a model with its inputs (batch and batch-1) and runs one inference call or training step."""
 
     def __init__(self, model: nn.Module, mode: str, batch_size: int, resolution: int, device: torch.device,
-                 precision: str, seed: int):
+                 precision: str, seed: int, frames: int | None = None):
         self.model, self.mode, self.device = model, mode, device
         self.autocast_dtype = PRECISIONS[precision]
         gen = torch.Generator().manual_seed(seed)
         num_classes = getattr(model, "num_classes", 1000)
         self.inputs = {}
         for b in {batch_size, 1}:
-            x = torch.randn(b, 3, resolution, resolution, generator=gen).to(device)
+            c = getattr(model, "in_chans", None) or 3
+            shape = (b, c, resolution, resolution) if frames is None else (b, c, frames, resolution, resolution)
+            x = torch.randn(shape, generator=gen).to(device)
             y = torch.randint(0, num_classes, (b,), generator=gen).to(device)
             self.inputs[b] = (x, y)
         if mode == "train":
@@ -240,9 +271,9 @@ def resolve_device(name: str) -> torch.device:
 
 def _row(point: Point, cfg: DictConfig, device: torch.device, **values) -> dict:
     row = dict.fromkeys(COLUMNS)
-    row.update(model=point.model, resolution=point.resolution, batch_size=cfg.sweep.batch_size,
+    row.update(model=point.model, resolution=point.resolution, frames=point.frames, batch_size=cfg.sweep.batch_size,
                mode=point.mode, device=str(device), precision=cfg.precision,
-               backend=cfg.backend if is_sparseformer(point.model) else "dense",
+               backend=cfg.backend if is_sparseformer(point.model) or is_video_sparseformer(point.model) else "dense",
                threads=torch.get_num_threads(), repeats=cfg.sweep.repeats)
     row.update(values)
     return row
@@ -286,10 +317,11 @@ def run_sweep(cfg: DictConfig, device: torch.device, progress: bool = True) -> l
             static[p] = dict(tokens=token_count(model, res), params=sum(t.numel() for t in model.parameters()))
             runner = None
             try:
-                runner = Runner(model.to(device), p.mode, sweep.batch_size, res, device, cfg.precision, cfg.seed)
-                key = (p.model, p.tokens, res)
+                runner = Runner(model.to(device), p.mode, sweep.batch_size, res, device, cfg.precision, cfg.seed,
+                                p.frames)
+                key = (p.model, p.tokens, res, p.frames)
                 if key not in flops_cache:  # one batch-1 forward under FlopCounterMode
-                    flops_cache[key] = count_flops(model, res)
+                    flops_cache[key] = count_flops(model, res, num_frames=p.frames)
                 static[p]["gmacs"] = flops_cache[key]["macs"] / 1e9
                 static[p]["gmacs_without_mixing"] = flops_cache[key]["macs_without_mixing"] / 1e9
                 for _ in range(sweep.warmup):
@@ -398,6 +430,8 @@ def plot_results(rows: list[dict], run_dir: Path, accuracy: dict[str, float] | N
     modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
     paths = []
     title = f"{ok[0]['device']}, {ok[0]['precision']}, batch {ok[0]['batch_size']}" if ok else ""
+    video = [r for r in ok if r["frames"] is not None]
+    ok = [r for r in ok if r["frames"] is None]  # image rows; the video rows get their own plot
 
     def figure(n):
         fig, axes = plt.subplots(1, max(n, 1), figsize=(5.2 * max(n, 1), 3.8), squeeze=False)
@@ -410,6 +444,23 @@ def plot_results(rows: list[dict], run_dir: Path, accuracy: dict[str, float] | N
         plt.close(fig)
         paths.append(path)
 
+    if video:
+        fig, axes = figure(len(modes))
+        for ax, mode in zip(axes, modes, strict=True):
+            def series(r):  # a ViViT's sequence grows with the frames; a SparseFormer's tokens do not
+                return r["model"], r["tokens"] if is_video_sparseformer(r["model"]) else None
+
+            for key in dict.fromkeys(series(r) for r in video if r["mode"] == mode):
+                pts = sorted((r["frames"], r["throughput_img_s"]) for r in video
+                             if series(r) == key and r["mode"] == mode)
+                ax.plot(*zip(*pts, strict=True), marker="o", label=key[0] + (f" ({key[1]} tokens)" if key[1] else ""))
+            ax.set(xlabel="frames", ylabel="throughput (clips/s)", title=f"{mode} ({title})", yscale="log")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        save(fig, "throughput_vs_frames.png")
+
+    if not ok:
+        return paths
     by_res = _resolution_rows(ok)
     fig, axes = figure(len(modes))
     for ax, mode in zip(axes, modes, strict=True):
@@ -476,8 +527,9 @@ def _fmt(value, spec: str) -> str:
 
 def format_rows(rows: list[dict]) -> str:
     """Markdown table of the result rows."""
-    cols = [("model", ""), ("tokens", ""), ("resolution", ""), ("mode", ""), ("throughput_img_s", ".2f"),
-            ("latency_ms", ".1f"), ("peak_mem_mb", ".0f"), ("saved_mib_per_img", ".1f"), ("params", ","),
+    cols = [("model", ""), ("tokens", ""), ("resolution", ""), ("frames", ""), ("mode", ""),
+            ("throughput_img_s", ".2f"), ("latency_ms", ".1f"), ("peak_mem_mb", ".0f"), ("saved_mib_per_img", ".1f"),
+            ("params", ","),
             ("gmacs", ".2f"), ("gmacs_without_mixing", ".2f"), ("status", "")]
     lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -485,11 +537,24 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_video_ratios(rows: list[dict], reference: str | None) -> str:
+    """Each video model's clips/s against `reference` (sweep.video.reference) at the same frames and mode."""
+    ok = [r for r in _ok(rows) if r["frames"] is not None]
+    ref = {(r["frames"], r["mode"]): r["throughput_img_s"] for r in ok if r["model"] == reference}
+    lines = []
+    for r in ok:
+        base = ref.get((r["frames"], r["mode"]))
+        if r["model"] != reference and base:
+            lines.append(f"{r['mode']:9s} {r['frames']:3d} frames  {r['model']} ({r['tokens']} tokens) / {reference} = "
+                         f"{r['throughput_img_s'] / base:.2f}x")
+    return "\n".join(lines)
+
+
 def format_ratios(rows: list[dict], reference: str, base_resolution: int) -> str:
     """Throughput ratios computed from the rows: each model against `reference` at the same resolution
     and mode (default token counts), and each model's throughput at each resolution against its own at
     base_resolution."""
-    ok = _resolution_rows(_ok(rows))
+    ok = _resolution_rows([r for r in _ok(rows) if r["frames"] is None])
     tput = {(r["model"], r["resolution"], r["mode"]): r["throughput_img_s"] for r in ok}
     lines = []
     for (name, res, mode), value in tput.items():
@@ -521,7 +586,8 @@ def log_wandb(cfg: DictConfig, rows: list[dict], files: list[Path], meta: dict, 
             if path.suffix == ".png":
                 run.log({f"plots/{path.stem}": wandb.Image(str(path))})
         for r in _ok(rows):
-            key = f"{r['mode']}/{r['model']}/t{r['tokens']}/{r['resolution']}px"
+            frames = f"/{r['frames']}f" if r["frames"] else ""
+            key = f"{r['mode']}/{r['model']}/t{r['tokens']}/{r['resolution']}px{frames}"
             run.summary[f"{key}/throughput_img_s"] = r["throughput_img_s"]
             run.summary[f"{key}/latency_ms"] = r["latency_ms"]
     finally:
@@ -643,6 +709,7 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> list[dict]:
         format_rows(rows),
         "",
         format_ratios(rows, cfg.sweep.reference, cfg.sweep.token_resolution),
+        format_video_ratios(rows, cfg.sweep.get("video", {}).get("reference")),
     ])  # fmt: skip
     (run_dir / "summary.txt").write_text(summary + "\n")
     files.append(run_dir / "summary.txt")

@@ -10,7 +10,9 @@ Adding a dataset is one module and one YAML, nothing else (no registry, no `if` 
      cheap (look at paths, not at files);
    - `build() -> Splits(train, val, spec)`: two `torch.utils.data.Dataset`s and an `InputSpec`
      (num_classes, in_chans, image_size, and frames for clips), which says what the model must take:
-     train.py passes `spec.model_kwargs()` (num_classes, in_chans, num_frames for clips) to the model.
+     train.py passes `spec.model_kwargs()` (num_classes, in_chans) to the model and counts MACs at
+     image_size; a model built for a fixed size or clip length (DeiT's img_size, ViViT's num_frames)
+     takes it in `conf/data_model/<data>_<model>.yaml`.
    Items are read by key `(index, seed)`, as the samplers (data/samplers.py) yield them: the seed fixes
    every random choice of that item (crop, flip, frame offset), so a resumed run replays its data and
    the number of loader workers does not matter. An item is `(uint8 tensor, int label)`, images

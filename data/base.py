@@ -27,11 +27,10 @@ class InputSpec:
     frames: int | None = None
 
     def model_kwargs(self) -> dict:
-        """The model constructor keys this dataset decides (a clip dataset adds num_frames)."""
-        kwargs = {"num_classes": self.num_classes, "in_chans": self.in_chans}
-        if self.frames is not None:
-            kwargs["num_frames"] = self.frames
-        return kwargs
+        """The model constructor keys every model takes from its dataset. Sizes are not among them: most
+        models run at any image size or clip length; one that is built for a fixed size takes it from a
+        conf/data_model/<data>_<model>.yaml (DeiT's img_size, ViViT's num_frames)."""
+        return {"num_classes": self.num_classes, "in_chans": self.in_chans}
 
 
 @dataclass

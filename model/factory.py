@@ -5,11 +5,14 @@ import inspect
 
 import torch.nn as nn
 
-from . import deit, hub, sparseformer
+from . import deit, framewise, hub, sparseformer, video, vivit
 
 _REGISTRY: dict[str, tuple[type, dict]] = {
     **{name: (sparseformer.SparseFormer, cfg) for name, cfg in sparseformer.VARIANTS.items()},
+    **{name: (video.VideoSparseFormer, cfg) for name, cfg in video.VARIANTS.items()},
     **{name: (deit.DeiT, cfg) for name, cfg in deit.VARIANTS.items()},
+    **{name: (vivit.ViViT, cfg) for name, cfg in vivit.VARIANTS.items()},
+    **{name: (framewise.FrameAveraged, cfg) for name, cfg in framewise.VARIANTS.items()},
 }
 
 # How each model class loads weights (model/hub.py); a class not listed loads only our own layout.
@@ -18,6 +21,19 @@ _PRETRAINED: dict[type, hub.PretrainedCfg] = {
                                                  sparseformer.RELEASED_WEIGHTS),
     deit.DeiT: hub.PretrainedCfg("head", "patch_embed"),
 }
+
+
+def accepted_arguments(cls: type) -> set[str]:
+    """Keyword arguments of cls.__init__, following **kwargs up to the parent class."""
+    accepted: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        accepted |= {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
+    return accepted
 
 
 def list_models() -> list[str]:
@@ -30,7 +46,7 @@ def check_model_args(name: str, pretrained=False, **overrides) -> tuple[type, di
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     cls, defaults = _REGISTRY[name]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    accepted = accepted_arguments(cls)
     unknown = set(overrides) - accepted
     if unknown:
         raise ValueError(f"{name}: unknown override(s) {sorted(unknown)}; accepted: {sorted(accepted)}")

@@ -21,15 +21,25 @@ if _CPU_SDPA not in flop_registry:
         return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def count_flops(model: nn.Module, resolution: int, in_chans: int | None = None, batch_size: int = 1) -> dict:
-    """Count one forward pass at `resolution` x `resolution`.
+def is_video_model(model: nn.Module) -> bool:
+    """Video models take clips (B, C, T, H, W): VideoSparseFormer (3-D sampling), ViViT (frames)."""
+    return getattr(model, "ndim", 2) == 3 or hasattr(model, "num_frames")
 
-    Returns MACs per image: `macs` (everything counted), `macs_without_mixing` (the paper's
-    convention), `mixing_macs`, and `by_op` (MACs per op name).
+
+def count_flops(model: nn.Module, resolution: int, in_chans: int | None = None, batch_size: int = 1,
+                num_frames: int | None = None) -> dict:
+    """Count one forward pass at `resolution` x `resolution` (video models: on `num_frames` frames,
+    default the model's own num_frames or 8).
+
+    Returns MACs per image (per clip): `macs` (everything counted), `macs_without_mixing` (the
+    paper's convention), `mixing_macs`, and `by_op` (MACs per op name).
     """
     in_chans = in_chans or getattr(model, "in_chans", 3)
     param = next(model.parameters())
-    x = torch.randn(batch_size, in_chans, resolution, resolution, device=param.device, dtype=param.dtype)
+    shape = (batch_size, in_chans, resolution, resolution)
+    if is_video_model(model):
+        shape = (batch_size, in_chans, num_frames or getattr(model, "num_frames", 8), resolution, resolution)
+    x = torch.randn(shape, device=param.device, dtype=param.dtype)
     was_training = model.training
     # the unfused ops: the same maths, with the mixing GEMMs as their own op (the fused op counts both)
     fused = getattr(model, "fused_sample_mix", None)

@@ -207,14 +207,16 @@ def grid_init(n: int) -> Tensor:
     return grid
 
 
-TIME_OFFSET_LEVELS = 4
+TIME_OFFSET_LEVELS = 2
 
 
 def offset_bias_init(num_points: int, ndim: int = 2) -> Tensor:
     """(P, ndim) initial sampling-offset bias: the sqrt(P) x sqrt(P) grid centred on 0 (MODEL.md
     step 3), and for tubes a temporal offset cycling over TIME_OFFSET_LEVELS levels in [-0.5, 0.5]
     (point k at level k mod L), so the per-axis standardisation of the t offsets starts from a
-    spread: with equal t offsets it divides by ~0 and its gradient is ~1/(3 eps) (docs/MODEL.md, "Video")."""
+    spread: with equal t offsets it divides by ~0 and its gradient is ~1/(3 eps) (docs/MODEL.md,
+    "Video"). Two levels put every other point at t - d and t + d (d = a third of the tube's
+    length after standardisation), so each token's spatial mix sees its content in time order."""
     bias = grid_init(num_points) - 0.5
     if ndim == 2:
         return bias
@@ -428,6 +430,7 @@ class SparseFormer(nn.Module):
         checkpoint_cortex: bool = False,
     ):
         super().__init__()
+        self.init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         checks = {
             "num_tokens": num_tokens, "num_points": num_points, "conv_dim": conv_dim,
             "focusing_dim": focusing_dim, "cortex_dim": cortex_dim, "cortex_depth": cortex_depth,
@@ -506,8 +509,7 @@ class SparseFormer(nn.Module):
         nn.init.trunc_normal_(self.token_embedding, std=1.0)
         self.token_roi.copy_(self.initial_rois(self.num_tokens))
 
-    @staticmethod
-    def initial_rois(n: int) -> Tensor:
+    def initial_rois(self, n: int) -> Tensor:
         """(n, 4) boxes: a root x root grid of half-size boxes, token k at x-index k // root and
         y-index k % root; tokens beyond root^2 cover the whole image."""
         root = int(math.isqrt(n))

@@ -172,3 +172,22 @@ def test_memory_mode_measures_every_option(tmp_path):
     assert saved == sorted(saved, reverse=True) and saved[0] > saved[-1] > 0
     assert rows[0]["step_time_vs_eager"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
     assert len(read_csv(tmp_path / "memory.csv")) == 4 and "saved_mib_per_img" in (tmp_path / "memory.txt").read_text()
+
+
+def test_video_points_run_side_by_side(tmp_path):
+    """sweep.video: a VideoSparseFormer and the dense ViViT at two frame counts, one run, with clips/s,
+    counted MACs per clip and the ratio line in the summary."""
+    cfg = config("logger.mode=disabled", "sweep.models=[]", "sweep.video.models=[videosparseformer_nano,vivit_nano]",
+                 "sweep.video.frames=[4,8]", "sweep.video.resolution=32", "sweep.video.reference=vivit_nano",
+                 "sweep.video.tokens=[4]", "sweep.video.token_frames=4")
+    rows = benchmark.run(cfg, tmp_path, progress=False)
+    got = {(r["model"], r["tokens"], r["frames"]) for r in rows}
+    vsf, vit = "videosparseformer_nano", "vivit_nano"
+    assert got == {(vsf, 32, 4), (vsf, 32, 8), (vsf, 8, 4), (vit, 2 * 16 + 1, 4), (vit, 4 * 16 + 1, 8)}
+    assert all(r["status"] == "ok" and r["throughput_img_s"] > 0 and r["gmacs"] > 0 for r in rows)
+    macs = {(r["model"], r["frames"]): r["gmacs"] for r in rows if r["tokens"] in (32, 33, 65)}
+    assert macs[("vivit_nano", 8)] > macs[("vivit_nano", 4)] and macs[("videosparseformer_nano", 8)] > \
+        macs[("videosparseformer_nano", 4)]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "videosparseformer_nano (32 tokens) / vivit_nano" in summary
+    assert (tmp_path / "throughput_vs_frames.png").exists()

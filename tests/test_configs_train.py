@@ -161,7 +161,7 @@ def test_a_new_dataset_is_one_module_and_one_yaml(tmp_path, monkeypatch):
         "    def check(self): expect(self.size == 8, 'size', self.size, 'must be 8')\n"
         "    def build(self): return Splits(Items(), Items(), InputSpec(3, 2, self.size))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    from data import build_data
+    from data import InputSpec, build_data
 
     cfg = compose_cfg([])
     toy = OmegaConf.create({"_target_": "toy_data.ToyBuilder", "name": "toy", "batch_size": 4, "eval_batch_size": 6,
@@ -172,6 +172,7 @@ def test_a_new_dataset_is_one_module_and_one_yaml(tmp_path, monkeypatch):
     validate(cfg)
     data = build_data(cfg.data)
     assert data.spec.model_kwargs() == {"num_classes": 3, "in_chans": 2} and data.steps_per_epoch == 3
+    assert InputSpec(8, 1, 64, frames=8).model_kwargs() == {"num_classes": 8, "in_chans": 1}  # sizes: data_model
     x, y, skipped = next(iter(data.train_loader))
     assert x.shape == (4, 2, 8, 8) and skipped == 0
     cfg.data.size = 9
