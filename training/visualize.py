@@ -58,3 +58,48 @@ def figure_to_array(fig) -> np.ndarray:
     arr = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
     return arr
+
+
+def draw_tubes(clip: torch.Tensor, rois: list[torch.Tensor], points: list[torch.Tensor] | None, mean, std,
+               steps: list[int] | None = None, max_frames: int = 8, title: str | None = None, cell: float = 2.0):
+    """One clip, one row per sampling step, one column per frame: each token's tube where it covers
+    that frame (a box, one colour per token) and the sampling points that fall in that frame.
+
+    clip (C, T, H, W) normalised; rois[s] (N, 6) as (x1, y1, t1, x2, y2, t2) and points[s] (N, P, 3)
+    as (x, y, t), all in [0, 1] (one clip's entries of VideoSparseFormer's aux output). Frame f covers
+    t in [f / T, (f + 1) / T). Returns the Figure."""
+    steps = list(range(len(rois))) if steps is None else steps
+    T = clip.shape[1]
+    frames = list(range(T)) if T <= max_frames else np.linspace(0, T - 1, max_frames).round().astype(int).tolist()
+    N = rois[0].shape[0]
+    colors = plt.cm.hsv(np.linspace(0, 1, N, endpoint=False))
+    fig, axes = plt.subplots(len(steps), len(frames), figsize=(cell * len(frames), cell * len(steps)), squeeze=False)
+    for row, s in enumerate(steps):
+        tube = rois[s].detach().float().cpu().numpy()
+        pts = None if points is None else points[s].detach().float().cpu().numpy()
+        for col, f in enumerate(frames):
+            ax = axes[row, col]
+            img = to_display(clip[:, f], mean, std)
+            h, w = img.shape[:2]
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, extent=(0, w, h, 0))
+            lo, hi = f / T, (f + 1) / T
+            for n in range(N):
+                x1, y1, t1, x2, y2, t2 = tube[n]
+                if min(t1, t2) < hi and max(t1, t2) >= lo:
+                    ax.add_patch(Rectangle((x1 * w, y1 * h), (x2 - x1) * w, (y2 - y1) * h, fill=False,
+                                           edgecolor=colors[n], linewidth=0.8))
+                if pts is not None:
+                    here = (pts[n, :, 2] >= lo) & (pts[n, :, 2] < hi)
+                    ax.scatter(pts[n, here, 0] * w, pts[n, here, 1] * h, s=1.5, color=colors[n], linewidths=0)
+            ax.set_xlim(-0.1 * w, 1.1 * w)
+            ax.set_ylim(1.1 * h, -0.1 * h)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"frame {f}", fontsize=8)
+            if col == 0:
+                ax.set_ylabel(f"sampling step {s + 1}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
