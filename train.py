@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data import Data, build_data  # noqa: E402
+from data import Data, average_view_logits, build_data, fold_views  # noqa: E402
 from model import count_flops  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
 from training import dist  # noqa: E402
@@ -47,7 +47,7 @@ from training.checkpoint import TrainState  # noqa: E402
 from training.config import ConfigError, register_resolvers, resolve_hardware, validate  # noqa: E402
 from training.logger import Logger  # noqa: E402
 from training.optim import EMA, build_optimizer, lr_at  # noqa: E402
-from training.visualize import draw_sampling, figure_to_array  # noqa: E402
+from training.visualize import draw_sampling, draw_tubes, figure_to_array  # noqa: E402
 
 register_resolvers()  # hydra.run.dir uses it, so before @hydra.main runs
 log = logging.getLogger("train")
@@ -66,9 +66,18 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tor
 
 
 @torch.no_grad()
-def evaluate(model, loader, transform, info, precision) -> dict:
+def view_averaged(model, x: torch.Tensor, views: int) -> torch.Tensor:
+    """Logits (B, K) of a batch, averaged over each item's views when it has several (x (B, V, ...):
+    Kinetics' clips x crops, data.InputSpec.views)."""
+    if views == 1:
+        return model(x)
+    return average_view_logits(model(fold_views(x)), views)
+
+
+def evaluate(model, loader, transform, info, precision, views: int = 1) -> dict:
     """Top-1 / top-5 (%) over the whole evaluation set from counts summed over ranks, the number of
-    undecodable files skipped, and the measured throughput (img/s over all ranks)."""
+    undecodable files skipped, and the measured throughput (items/s over all ranks); items with
+    several views are scored on their averaged logits."""
     was_training = model.training
     model.eval()
     counts = torch.zeros(4, dtype=torch.float64, device=info.device)  # correct@1, correct@5, seen, skipped
@@ -79,7 +88,7 @@ def evaluate(model, loader, transform, info, precision) -> dict:
             continue
         x, y = transform(x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True))
         with autocast(info.device, precision):
-            logits = model(x)
+            logits = view_averaged(model, x, views)
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         hit = top5 == y[:, None]
         counts[0] += hit[:, 0].sum()
@@ -98,14 +107,18 @@ def evaluate(model, loader, transform, info, precision) -> dict:
 
 @torch.no_grad()
 def roi_figure(model, images, transform, precision, cfg_data):
-    """Each token's RoI and sampling points over a few validation images, for every sampling step."""
+    """Each token's RoI and sampling points over a few validation images, for every sampling step
+    (clips: each token's tube and points over the first clip's frames)."""
     x, _ = transform(images, torch.zeros(len(images), dtype=torch.long, device=images.device))
     was_training = model.training
     model.eval()
     with autocast(images.device, precision):
         out = model(x, return_aux=True)
     model.train(was_training)
-    fig = draw_sampling(x, out.rois, out.points, cfg_data.mean, cfg_data.std)
+    if x.dim() == 5:  # clips: the first clip's tubes over its frames
+        fig = draw_tubes(x[0], [r[0] for r in out.rois], [p[0] for p in out.points], cfg_data.mean, cfg_data.std)
+    else:
+        fig = draw_sampling(x, out.rois, out.points, cfg_data.mean, cfg_data.std)
     return figure_to_array(fig)
 
 
@@ -273,7 +286,10 @@ def pick_roi_images(cfg: DictConfig, data: Data, model: nn.Module, info: dist.Di
     k = min(cfg.logger.num_roi_images, len(data.val_set))
     items = (data.val_set[key] for key in data.val_loader.sampler)
     decodable = (it for it in items if it is not None)
-    return torch.stack([it[0] for it, _ in zip(decodable, range(k), strict=False)]).to(info.device)
+    chosen = [it[0] for it, _ in zip(decodable, range(k), strict=False)]
+    if data.spec.views > 1:  # an item holds several views: draw the first
+        chosen = [views[0] for views in chosen]
+    return torch.stack(chosen).to(info.device)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -349,8 +365,9 @@ def train_one_epoch(run: Run) -> bool:
 def evaluate_and_log(run: Run) -> dict:
     """Raw and EMA weights on the whole evaluation set, logged (and the RoI figure)."""
     state, data, info = run.state, run.data, run.info
-    res = evaluate(run.ddp_model, data.val_loader, data.eval_transform, info, run.precision)
-    res_ema = evaluate(state.ema.module, data.val_loader, data.eval_transform, info, run.precision) \
+    views = data.spec.views
+    res = evaluate(run.ddp_model, data.val_loader, data.eval_transform, info, run.precision, views)
+    res_ema = evaluate(state.ema.module, data.val_loader, data.eval_transform, info, run.precision, views) \
         if state.ema else None
     metrics = {"val/top1": res["top1"], "val/top5": res["top5"], "val/images": res["n"],
                "val/skipped_files": res["skipped"], "epoch": state.epoch}

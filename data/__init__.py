@@ -33,11 +33,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import BatchTransform, MixupCutmix
-from .base import COMMON_KEYS, DatasetBuilder, InputSpec, Splits, builder_from_config
+from .base import COMMON_KEYS, DatasetBuilder, InputSpec, Splits, average_view_logits, builder_from_config, fold_views
 from .samplers import EvalSampler, TrainSampler, steps_per_epoch
 
-__all__ = ["COMMON_KEYS", "Data", "DatasetBuilder", "InputSpec", "Splits", "build_data", "builder_from_config",
-           "collate_skip_none", "BatchTransform", "MixupCutmix", "TrainSampler", "EvalSampler"]
+__all__ = ["COMMON_KEYS", "Data", "average_view_logits", "fold_views", "DatasetBuilder", "InputSpec", "Splits",
+           "build_data", "builder_from_config", "collate_skip_none", "BatchTransform", "MixupCutmix", "TrainSampler",
+           "EvalSampler"]
 
 
 @dataclass

@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
@@ -19,18 +20,31 @@ COMMON_KEYS = ("_target_", "name", "batch_size", "eval_batch_size", "num_workers
 @dataclass(frozen=True)
 class InputSpec:
     """What the model must take from a dataset: classes, input channels, the side of the square
-    images (or frames) the loaders yield, and for clips the frames per clip (None for images)."""
+    images (or frames) the loaders yield, for clips the frames per clip (None for images), and the
+    views per evaluation item (> 1: the evaluation set yields (V, C, [T,] H, W) items whose logits
+    are averaged, e.g. Kinetics' clips x crops)."""
 
     num_classes: int
     in_chans: int
     image_size: int
     frames: int | None = None
+    views: int = 1
 
     def model_kwargs(self) -> dict:
         """The model constructor keys every model takes from its dataset. Sizes are not among them: most
         models run at any image size or clip length; one that is built for a fixed size takes it from a
         conf/data_model/<data>_<model>.yaml (DeiT's img_size, ViViT's num_frames)."""
         return {"num_classes": self.num_classes, "in_chans": self.in_chans}
+
+
+def fold_views(x: torch.Tensor) -> torch.Tensor:
+    """Evaluation views (B, V, C, [T,] H, W) -> a batch (B·V, C, [T,] H, W), item b·V + v = view v of b."""
+    return x.flatten(0, 1)
+
+
+def average_view_logits(logits: torch.Tensor, num_views: int) -> torch.Tensor:
+    """Logits of folded views (B·V, K) -> the clip's logits averaged over its V views, (B, K)."""
+    return logits.view(-1, num_views, logits.shape[-1]).mean(1)
 
 
 @dataclass
@@ -71,14 +85,20 @@ class DatasetBuilder:
 
     def batch_transforms(self, cfg, spec: InputSpec) -> tuple[nn.Module, nn.Module]:
         """(train, eval) device-side transforms of the loaders' uint8 batches, from the common keys
-        (mean, std, augment). The default handles images (B, C, H, W); a clip dataset overrides it."""
-        from .augment import BatchTransform
-
+        (mean, std, augment): data.augment.BatchTransform for images (B, C, H, W); a clip dataset
+        returns `self.transform_class()` = data.video_augment.VideoBatchTransform."""
+        transform = self.transform_class()
         aug = cfg.augment
         mixup = dict(aug.mixup) if aug.get("mixup") else None
-        train = BatchTransform(cfg.mean, cfg.std, spec.num_classes, train=True, randaugment=aug.get("randaugment"),
-                               random_erasing=aug.random_erasing, mixup=mixup, label_smoothing=aug.label_smoothing)
-        return train, BatchTransform(cfg.mean, cfg.std, spec.num_classes, train=False)
+        train = transform(cfg.mean, cfg.std, spec.num_classes, train=True, randaugment=aug.get("randaugment"),
+                          random_erasing=aug.random_erasing, mixup=mixup, label_smoothing=aug.label_smoothing)
+        return train, transform(cfg.mean, cfg.std, spec.num_classes, train=False)
+
+    @staticmethod
+    def transform_class() -> type:
+        from .augment import BatchTransform
+
+        return BatchTransform
 
 
 def builder_from_config(cfg) -> DatasetBuilder:

@@ -26,7 +26,9 @@ malformed line is an error that names the path.
 from __future__ import annotations
 
 import logging
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .base import DatasetBuilder, InputSpec, Splits, average_view_logits, expect, fold_views, is_int, is_num  # noqa: F401
 from .imagenet import random_resized_crop_box, scan_class_folders
 
 log = logging.getLogger(__name__)
@@ -218,35 +221,68 @@ class KineticsClips(Dataset):
         return views.transpose(1, 2).contiguous(), label  # (V, 3, T, S, S)
 
 
-def fold_views(x: torch.Tensor) -> torch.Tensor:
-    """Test views (B, V, C, T, H, W) -> a batch of clips (B·V, C, T, H, W), clip b·V + v = view v of b."""
-    return x.flatten(0, 1)
+@dataclass
+class KineticsBuilder(DatasetBuilder):
+    """conf/data/kinetics.yaml: root (or $KINETICS_ROOT) with {train,val}.csv of `path label` lines or
+    {train,val}/<class>/*.mp4 folders. Training: one random clip of num_frames x frame_stride, a
+    random-resized crop and flip shared by its frames. Evaluation: test_clips x test_crops views per
+    video, whose logits train.py averages."""
 
+    root: str | None = None
+    train_list: str | None = None
+    val_list: str | None = None
+    num_classes: int | None = None
+    num_frames: int = 16
+    frame_stride: int = 4
+    image_size: int = 224
+    test_clips: int = 5
+    test_crops: int = 3
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
 
-def average_view_logits(logits: torch.Tensor, num_views: int) -> torch.Tensor:
-    """Logits of folded views (B·V, K) -> the clip's logits averaged over its V views, (B, K)."""
-    return logits.view(-1, num_views, logits.shape[-1]).mean(1)
+    def resolved_root(self) -> Path:
+        root = self.root or os.environ.get("KINETICS_ROOT")
+        if not root:
+            raise ValueError("data.root=None: Kinetics needs a folder; pass data.root=/path/to/kinetics "
+                             "or set the KINETICS_ROOT environment variable")
+        return Path(root).expanduser()
 
+    def check(self) -> None:
+        root = self.resolved_root()
+        expect(root.is_dir(), "root", str(root), "no such directory (expected root/{train,val}.csv or "
+               "root/{train,val}/<class>/*.mp4)")
+        for key in ("num_frames", "frame_stride", "test_clips", "test_crops"):
+            value = getattr(self, key)
+            expect(is_int(value) and value >= 1, key, value, "must be a positive integer")
+        expect(is_int(self.image_size) and self.image_size >= 32, "image_size", self.image_size,
+               "must be an integer >= 32")
+        expect(self.num_classes is None or (is_int(self.num_classes) and self.num_classes > 1), "num_classes",
+               self.num_classes, "must be null (from the train split) or an integer > 1")
+        expect(is_num(self.hflip) and 0 <= self.hflip <= 1, "hflip", self.hflip, "is a probability, in [0, 1]")
+        for key in ("scale", "ratio"):
+            lo_hi = getattr(self, key)
+            expect(len(lo_hi) == 2 and all(is_num(v) for v in lo_hi) and 0 < lo_hi[0] <= lo_hi[1], key, lo_hi,
+                   "must be [low, high] with 0 < low <= high")
+        for key in ("train_list", "val_list"):
+            value = getattr(self, key)
+            expect(value is None or Path(value).expanduser().is_file() or (root / str(value)).is_file(), key, value,
+                   "no such list file (a 'path label' line per video)")
 
-def build_kinetics(root: str | Path | None, num_frames: int = 16, frame_stride: int = 4, image_size: int = 224,
-                   test_clips: int = 5, test_crops: int = 3, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                   hflip: float = 0.5, num_classes: int | None = None, train_list: str | None = None,
-                   val_list: str | None = None) -> tuple[KineticsClips, KineticsClips, dict]:
-    """The Kinetics train and val sets and what the model needs to know about them.
+    def build(self) -> Splits:
+        root = self.resolved_root()
+        common = dict(num_frames=self.num_frames, frame_stride=self.frame_stride, image_size=self.image_size)
+        train = KineticsClips(root, "train", train=True, scale=self.scale, ratio=self.ratio, hflip=self.hflip,
+                              num_classes=self.num_classes, list_file=self.train_list, **common)
+        val = KineticsClips(root, "val", train=False, test_clips=self.test_clips, test_crops=self.test_crops,
+                            num_classes=train.num_classes, list_file=self.val_list, **common)
+        if train.classes is not None and val.classes is not None and train.classes != val.classes:
+            raise ValueError(f"{train.root}: train and val hold different class folders")
+        return Splits(train, val, InputSpec(train.num_classes, 3, self.image_size, frames=self.num_frames,
+                                            views=val.num_views))
 
-    Returns (train_set, val_set, info) with info = {"num_classes", "in_chans": 3, "image_size",
-    "num_frames", "num_views": test_clips * test_crops}; num_classes is the train split's (its class
-    folders, or its largest label + 1) unless given.
-    """
-    if root is None or str(root) == "":
-        raise FileNotFoundError("data.root is not set: pass data.root=/path/to/kinetics or set KINETICS_ROOT")
-    common = dict(num_frames=num_frames, frame_stride=frame_stride, image_size=image_size)
-    train = KineticsClips(root, "train", train=True, scale=scale, ratio=ratio, hflip=hflip, num_classes=num_classes,
-                          list_file=train_list, **common)
-    val = KineticsClips(root, "val", train=False, test_clips=test_clips, test_crops=test_crops,
-                        num_classes=train.num_classes, list_file=val_list, **common)
-    if train.classes is not None and val.classes is not None and train.classes != val.classes:
-        raise ValueError(f"{train.root}: train and val hold different class folders")
-    info = {"num_classes": train.num_classes, "in_chans": 3, "image_size": image_size, "num_frames": num_frames,
-            "num_views": val.num_views}
-    return train, val, info
+    @staticmethod
+    def transform_class() -> type:
+        from .video_augment import VideoBatchTransform
+
+        return VideoBatchTransform

@@ -35,10 +35,13 @@ the same clip reversed in time and its label mapped by `reverse_class`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .base import DatasetBuilder, InputSpec, Splits, expect, is_int
 from .cluttered_mnist import DIGIT, load_mnist_5k, split_indices
 
 # (dx, dy) per class: k = 0 east, counter-clockwise by 45°; y grows downwards, so "north" is dy = -1
@@ -65,6 +68,23 @@ def start_ranges(direction: int, speed: int, num_frames: int, canvas_size: int) 
     return np.stack([np.maximum(0, -travel), room - np.maximum(0, travel)], axis=1)
 
 
+def check_clip_arguments(num_frames, canvas_size, speed, num_distractors, prefix: str = "MovingDigits: ") -> None:
+    """ValueError naming the argument (after `prefix`: the class, or "data." for a config key) that
+    cannot make clips: too few frames, a bad speed range, a canvas too small for the path."""
+    if not isinstance(num_frames, int) or num_frames < 2:
+        raise ValueError(f"{prefix}num_frames={num_frames!r} must be an integer >= 2 (motion needs two frames)")
+    speed = tuple(speed)
+    if len(speed) != 2 or not all(isinstance(v, int) for v in speed) or not 1 <= speed[0] <= speed[1]:
+        raise ValueError(f"{prefix}speed={list(speed)} must be [min, max] pixels per frame with 1 <= min <= max")
+    hi = speed[1]
+    if not isinstance(canvas_size, int) or canvas_size - DIGIT < hi * (num_frames - 1):
+        raise ValueError(
+            f"{prefix}canvas_size={canvas_size} is too small for a {DIGIT}px digit moving {hi}px/frame over "
+            f"{num_frames} frames; use canvas_size >= {DIGIT + hi * (num_frames - 1)} or a lower speed")
+    if not isinstance(num_distractors, int) or num_distractors < 0:
+        raise ValueError(f"{prefix}num_distractors={num_distractors!r} must be an integer >= 0")
+
+
 class MovingDigits(Dataset):
     """Item key (index, seed) -> (uint8 clip (1, T, S, S), direction label in [0, 8))."""
 
@@ -76,19 +96,8 @@ class MovingDigits(Dataset):
                  reverse: bool = False):
         if split not in ("train", "test"):
             raise ValueError(f"MovingDigits: split must be 'train' or 'test', got {split!r}")
-        if not isinstance(num_frames, int) or num_frames < 2:
-            raise ValueError(f"MovingDigits: num_frames={num_frames!r} must be an integer >= 2 "
-                             "(motion needs two frames)")
+        check_clip_arguments(num_frames, canvas_size, speed, num_distractors)
         lo, hi = (int(v) for v in speed)
-        if not 1 <= lo <= hi:
-            raise ValueError(f"MovingDigits: speed={list(speed)} must be [min, max] pixels per frame "
-                             "with 1 <= min <= max")
-        if canvas_size - DIGIT < hi * (num_frames - 1):
-            raise ValueError(
-                f"MovingDigits: canvas_size={canvas_size} is too small for a {DIGIT}px digit moving {hi}px/frame over "
-                f"{num_frames} frames; use canvas_size >= {DIGIT + hi * (num_frames - 1)} or a lower speed")
-        if not isinstance(num_distractors, int) or num_distractors < 0:
-            raise ValueError(f"MovingDigits: num_distractors={num_distractors!r} must be an integer >= 0")
         images, labels = load_mnist_5k()
         idx = split_indices(split, num_train_digits)
         if length is not None and int(length) < 1:
@@ -128,21 +137,40 @@ class MovingDigits(Dataset):
         return clip, direction
 
 
-def build_moving_digits(num_frames: int = 8, canvas_size: int = 64, speed: tuple[int, int] = (2, 3),
-                        num_distractors: int = 0, num_train_digits: int = 4000, train_samples_per_epoch: int = 8000,
-                        test_samples: int = 1000,
-                        reverse_test: bool = False) -> tuple[MovingDigits, MovingDigits, dict]:
-    """The moving-digits train and test sets and what the model needs to know about them.
+@dataclass
+class MovingDigitsBuilder(DatasetBuilder):
+    """conf/data/moving_digits.yaml: training clips drawn anew every epoch (new direction, speed and
+    place per digit), one fixed clip per test digit (125 per direction); `reverse_test` makes the test
+    set the time-reversed clips with their mapped labels (a frame-order check)."""
 
-    Returns (train_set, test_set, info) with info = {"num_classes": 8, "in_chans": 1,
-    "image_size": canvas_size, "num_frames": num_frames}. Train clips are fresh per sampler seed
-    (one per epoch); the test set is meant for a fixed-seed sampler (`EvalSampler`).
-    `reverse_test` makes the test set the time-reversed clips with their mapped labels.
-    """
-    common = dict(num_frames=num_frames, canvas_size=canvas_size, speed=tuple(speed), num_distractors=num_distractors,
-                  num_train_digits=num_train_digits)
-    train = MovingDigits("train", length=train_samples_per_epoch, **common)
-    test = MovingDigits("test", length=test_samples, reverse=reverse_test, **common)
-    info = {"num_classes": MovingDigits.num_classes, "in_chans": MovingDigits.in_chans, "image_size": canvas_size,
-            "num_frames": num_frames}
-    return train, test, info
+    num_frames: int = 8
+    canvas_size: int = 64
+    speed: tuple[int, int] = (2, 3)
+    num_distractors: int = 0
+    num_train_digits: int = 4000
+    train_samples_per_epoch: int = 8000
+    test_samples: int = 1000
+    reverse_test: bool = False
+
+    def check(self) -> None:
+        check_clip_arguments(self.num_frames, self.canvas_size, self.speed, self.num_distractors, prefix="data.")
+        expect(is_int(self.num_train_digits) and 0 < self.num_train_digits < 5000, "num_train_digits",
+               self.num_train_digits, "must lie in [1, 4999] (the other digits of the 5,000 are the test set)")
+        for key in ("train_samples_per_epoch", "test_samples"):
+            value = getattr(self, key)
+            expect(is_int(value) and value > 0, key, value, "must be a positive integer")
+        expect(isinstance(self.reverse_test, bool), "reverse_test", self.reverse_test, "must be true or false")
+
+    def build(self) -> Splits:
+        common = dict(num_frames=self.num_frames, canvas_size=self.canvas_size, speed=tuple(self.speed),
+                      num_distractors=self.num_distractors, num_train_digits=self.num_train_digits)
+        train = MovingDigits("train", length=self.train_samples_per_epoch, **common)
+        test = MovingDigits("test", length=self.test_samples, reverse=self.reverse_test, **common)
+        return Splits(train, test, InputSpec(MovingDigits.num_classes, MovingDigits.in_chans, self.canvas_size,
+                                             frames=self.num_frames))
+
+    @staticmethod
+    def transform_class() -> type:
+        from .video_augment import VideoBatchTransform
+
+        return VideoBatchTransform

@@ -189,7 +189,8 @@ def format_rows(rows: list[dict]) -> str:
         flag = "" if r["ok"] else "  <-- " + ("over the shared-memory limit" if not r["fits"] else "16-bit spills")
         lines.append(f"{r['arch']:6s} {r['kernel']:26s} {r['variant']} {r['dtype']:5s} warps={r['num_warps']} "
                      f"regs={r['registers']:3d} spill={r['spill_bytes']:5d} B shared={r['shared_bytes']:6d}/"
-                     f"{r['shared_limit']} B atomics: red={r['red']} atomg={r['atomg']} gpu-fences={r['membar_gpu']}{flag}")
+                     f"{r['shared_limit']} B atomics: red={r['red']} atomg={r['atomg']} "
+                     f"gpu-fences={r['membar_gpu']}{flag}")
     return "\n".join(lines)
 
 

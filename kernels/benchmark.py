@@ -21,7 +21,7 @@ import argparse
 import inspect
 import statistics
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -144,7 +144,8 @@ def run_kernel_benchmarks(
     (measured on the device when None; no floor on CPU). Returns one dict per (variant, kernel,
     pass, dtype, batch, impl)."""
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run_kernel_benchmarks(device='cuda') needs a CUDA device; use device='cpu' for the references")
+        raise ValueError("run_kernel_benchmarks(device='cuda') needs a CUDA device; "
+                         "use device='cpu' for the references")
     unknown = [d for d in dtypes if d not in DTYPES] + [p for p in passes if p not in ("fwd", "fwd+bwd")]
     unknown += [k for k in kernels if k not in KERNELS]
     if unknown:
@@ -196,7 +197,7 @@ def format_table(rows: Sequence[dict]) -> str:
     cells = [[name for name, _ in cols]]
     cells += [["-" if r[name] is None else fmt.format(r[name]) for name, fmt in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -13,8 +13,6 @@ Layout of this module: reference -> Triton kernels -> host wrappers -> torch.lib
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -39,8 +37,8 @@ from .sampling import (
     _gather,
     _point_setup,
     _scatter_reduce,
-    _store_point_grad,
     _sparse_sample_op,
+    _store_point_grad,
     accumulator,
     chain_token,
     check_clamp,
@@ -68,7 +66,7 @@ def sample_and_mix_reference(features: Tensor, points: Tensor, params: Tensor, c
 
 def sample_and_mix_reference_backward(grad_out: Tensor, features: Tensor, points: Tensor, params: Tensor,
                                       channel_bias: Tensor, spatial_bias: Tensor,
-                                      map_grad_dtype: Optional[torch.dtype] = None):
+                                      map_grad_dtype: torch.dtype | None = None):
     """Gradients of `sample_and_mix_reference` w.r.t. (features, points, params, channel_bias,
     spatial_bias), unclamped; the map's in `map_grad_dtype` if given."""
     x = sparse_sample_reference(features, points).to(params.dtype)
@@ -146,58 +144,57 @@ def sample_mix_bwd_kernel(
     p_fb = p_f + i_b * s_fb
     p_ptt = p_pt + i_b * s_pb + i_n * s_pn
     b_xa = _sample_rows(p_fb, p_ptt, 0, P, T, H, W, C, s_ft, s_fh, s_fw, s_fc, s_pp, s_pxyz, PA, BLOCK_C, COMPUTE,
-                        IS_3D)
+                        IS_3D).to(DOT)
     b_xb = _sample_rows(p_fb, p_ptt, PA, P, T, H, W, C, s_ft, s_fh, s_fw, s_fc, s_pp, s_pxyz, PB, BLOCK_C, COMPUTE,
-                        IS_3D)
+                        IS_3D).to(DOT)
     p_prmt = p_prm + i_b * s_mb + i_n * s_mn
     p_dht = p_dh + i_t * P * C
     _mix_backward(
-        b_xa.to(DOT), b_xb.to(DOT), p_prmt, s_mk, p_bc, s_bc, p_bs, s_bs,
+        b_xa, b_xb, p_prmt, s_mk, p_bc, s_bc, p_bs, s_bs,
         p_do + i_b * s_gb + i_n * s_gn, s_gp, s_gc, p_dprm + i_t * (C * C + P * P), p_dbc + i_t * C, p_dbs + i_t * P,
         p_dht, P, C, ACC, DOT, DOT_PRECISION, PA, PB, HAS_B, BLOCK_C, BLOCK_CO)
-    # sampling backward from the tile's gradient, a channel block at a time (as _dx_block makes it)
+    # sampling backward from the tile's gradient, a row block and a channel block at a time (as
+    # _dx_block makes it): the x gradient is never held whole
     p_dfb = p_df + i_b * T * H * W * C
-    o_a = tl.arange(0, PA)
-    m_a = o_a < P
-    (fin_a, ix_a, wx0_a, wx1_a, mx0_a, mx1_a, iy_a, wy0_a, wy1_a, my0_a, my1_a,
-     it_a, wt0_a, wt1_a, mt0_a, mt1_a) = _point_setup(p_ptt + o_a * s_pp, s_pxyz, m_a, H, W, T, COMPUTE, IS_3D)
-    gx_a = tl.zeros([PA], dtype=COMPUTE)
-    gy_a = tl.zeros([PA], dtype=COMPUTE)
-    gt_a = tl.zeros([PA], dtype=COMPUTE)
-    o_b = PA + tl.arange(0, PB)
-    m_b = o_b < P
-    if HAS_B:
-        (fin_b, ix_b, wx0_b, wx1_b, mx0_b, mx1_b, iy_b, wy0_b, wy1_b, my0_b, my1_b,
-         it_b, wt0_b, wt1_b, mt0_b, mt1_b) = _point_setup(p_ptt + o_b * s_pp, s_pxyz, m_b, H, W, T, COMPUTE, IS_3D)
-        gx_b = tl.zeros([PB], dtype=COMPUTE)
-        gy_b = tl.zeros([PB], dtype=COMPUTE)
-        gt_b = tl.zeros([PB], dtype=COMPUTE)
-    for k0 in range(0, C, BLOCK_K):
-        b_dxa, b_dxb = _dx_block(p_dht, p_prmt, s_mk, k0, P, C, ACC, DOT, DOT_PRECISION, PA, PB, HAS_B, BLOCK_K,
-                                 BLOCK_CO)
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < C
-        c_x, c_y, c_t = _scatter_reduce(
-            b_dxa.to(COMPUTE), p_fb, p_dfb, o_k * s_fc, o_k, m_k, s_ft, s_fh, s_fw, H * W * C, W * C, C,
-            ix_a, wx0_a, wx1_a, mx0_a, mx1_a, iy_a, wy0_a, wy1_a, my0_a, my1_a, it_a, wt0_a, wt1_a, mt0_a, mt1_a,
-            PA, COMPUTE, IS_3D)
-        gx_a += c_x
-        gy_a += c_y
-        gt_a += c_t
-        if HAS_B:
-            c_x, c_y, c_t = _scatter_reduce(
-                b_dxb.to(COMPUTE), p_fb, p_dfb, o_k * s_fc, o_k, m_k, s_ft, s_fh, s_fw, H * W * C, W * C, C,
-                ix_b, wx0_b, wx1_b, mx0_b, mx1_b, iy_b, wy0_b, wy1_b, my0_b, my1_b, it_b, wt0_b, wt1_b, mt0_b, mt1_b,
-                PB, COMPUTE, IS_3D)
-            gx_b += c_x
-            gy_b += c_y
-            gt_b += c_t
     p_dptt = p_dpt + i_t * P * (3 if IS_3D else 2)
-    _store_point_grad(p_dptt, o_a, m_a, gx_a, gy_a, gt_a, T, H, W, clamp_x, clamp_y, clamp_t, fin_a, HAS_CLAMP,
-                      IS_3D)
+    _sample_rows_backward(p_dht, p_prmt, s_mk, p_fb, p_dfb, p_ptt, p_dptt, 0, P, T, H, W, C, s_ft, s_fh, s_fw, s_fc,
+                          s_pp, s_pxyz, clamp_x, clamp_y, clamp_t, HAS_CLAMP, COMPUTE, IS_3D, ACC, DOT, DOT_PRECISION,
+                          PA, BLOCK_K, BLOCK_CO)
     if HAS_B:
-        _store_point_grad(p_dptt, o_b, m_b, gx_b, gy_b, gt_b, T, H, W, clamp_x, clamp_y, clamp_t, fin_b, HAS_CLAMP,
-                          IS_3D)
+        _sample_rows_backward(p_dht, p_prmt, s_mk, p_fb, p_dfb, p_ptt, p_dptt, PA, P, T, H, W, C, s_ft, s_fh, s_fw,
+                              s_fc, s_pp, s_pxyz, clamp_x, clamp_y, clamp_t, HAS_CLAMP, COMPUTE, IS_3D, ACC, DOT,
+                              DOT_PRECISION, PB, BLOCK_K, BLOCK_CO)
+
+
+@triton.jit
+def _sample_rows_backward(
+    p_dht, p_prmt, s_mk, p_fb, p_dfb, p_ptt, p_dptt, row0, P, T, H, W, C, s_ft, s_fh, s_fw, s_fc, s_pp, s_pxyz,
+    clamp_x, clamp_y, clamp_t, HAS_CLAMP: tl.constexpr, COMPUTE: tl.constexpr, IS_3D: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+):
+    """Backward of `_sample_rows` for rows row0 .. row0 + ROWS: their x gradient (a channel block at a
+    time from `_dx_block`) scattered into the map gradient and reduced into the points' gradient,
+    stored clamped (NaN at non-finite points)."""
+    o_r = row0 + tl.arange(0, ROWS)
+    m_r = o_r < P
+    (finite, i_x, b_wx0, b_wx1, m_x0, m_x1, i_y, b_wy0, b_wy1, m_y0, m_y1,
+     i_t, b_wt0, b_wt1, m_t0, m_t1) = _point_setup(p_ptt + o_r * s_pp, s_pxyz, m_r, H, W, T, COMPUTE, IS_3D)
+    b_gx = tl.zeros([ROWS], dtype=COMPUTE)
+    b_gy = tl.zeros([ROWS], dtype=COMPUTE)
+    b_gt = tl.zeros([ROWS], dtype=COMPUTE)
+    for k0 in range(0, C, BLOCK_K):
+        b_dx = _dx_block(p_dht, p_prmt, s_mk, row0, k0, P, C, ACC, DOT, DOT_PRECISION, ROWS, BLOCK_K, BLOCK_CO)
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        c_x, c_y, c_t = _scatter_reduce(
+            b_dx.to(COMPUTE), p_fb, p_dfb, o_k * s_fc, o_k, o_k < C, s_ft, s_fh, s_fw, H * W * C, W * C, C,
+            i_x, b_wx0, b_wx1, m_x0, m_x1, i_y, b_wy0, b_wy1, m_y0, m_y1, i_t, b_wt0, b_wt1, m_t0, m_t1,
+            ROWS, COMPUTE, IS_3D)
+        b_gx += c_x
+        b_gy += c_y
+        b_gt += c_t
+    _store_point_grad(p_dptt, o_r, m_r, b_gx, b_gy, b_gt, T, H, W, clamp_x, clamp_y, clamp_t, finite, HAS_CLAMP,
+                      IS_3D)
 
 
 # ----------------------------------------------------------------------------- host wrappers
@@ -213,11 +210,12 @@ def check_fused_inputs(features: Tensor, points: Tensor, params: Tensor, channel
 
 
 def _config(features: Tensor, points: Tensor, params: Tensor, P: int, C: int, backward: bool = False) -> dict:
-    """mix_config, plus the sampling constexprs; the 3-D backward's epilogue gathers and scatters 8
-    corners per point, so it takes 16 channels at a time (32 spill there)."""
+    """mix_config, plus the sampling constexprs; the backward's epilogue gathers and scatters 4 (8)
+    corners per point besides the x gradient's block, so it takes 16 channels at a time (with 32, it
+    spills on sm_90)."""
     is_3d = points.shape[-1] == 3
     cfg = mix_config(P, C, params.dtype, _backend.target(features.device), backward)
-    if is_3d and backward:
+    if backward:
         cfg["BLOCK_K"] = min(16, cfg["BLOCK_K"])
     return dict(COMPUTE=_backend.compute_dtype(features, points), IS_3D=is_3d, **cfg)
 
@@ -242,7 +240,7 @@ def sample_and_mix_fwd(features: Tensor, points: Tensor, params: Tensor, channel
 
 
 def sample_and_mix_bwd(grad_out: Tensor, features: Tensor, points: Tensor, params: Tensor, channel_bias: Tensor,
-                       spatial_bias: Tensor, grad_map: Tensor, clamp: Optional[list[float]], backend: str):
+                       spatial_bias: Tensor, grad_map: Tensor, clamp: list[float] | None, backend: str):
     """Adds the map gradient into `grad_map` (the chain's accumulator) and returns contiguous
     gradients of (points, params, channel_bias, spatial_bias)."""
     if backend != "triton":
@@ -277,7 +275,7 @@ def sample_and_mix_bwd(grad_out: Tensor, features: Tensor, points: Tensor, param
 @torch.library.custom_op("sparseformer::sample_and_mix", mutates_args=())
 def _sample_mix_op(
     features: Tensor, points: Tensor, token: Tensor, params: Tensor, channel_bias: Tensor, spatial_bias: Tensor,
-    clamp: Optional[list[float]], backend: str,
+    clamp: list[float] | None, backend: str,
 ) -> tuple[Tensor, Tensor]:
     return sample_and_mix_fwd(features, points, params, channel_bias, spatial_bias, backend), chain_token(features)
 
@@ -291,7 +289,7 @@ def _(features, points, token, params, channel_bias, spatial_bias, clamp, backen
 @torch.library.custom_op("sparseformer::sample_and_mix_backward", mutates_args=("grad_map",))
 def _sample_mix_backward_op(
     grad_out: Tensor, features: Tensor, points: Tensor, params: Tensor, channel_bias: Tensor, spatial_bias: Tensor,
-    grad_map: Tensor, clamp: Optional[list[float]], backend: str,
+    grad_map: Tensor, clamp: list[float] | None, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return sample_and_mix_bwd(grad_out, features, points, params, channel_bias, spatial_bias, grad_map, clamp,
                               backend)

@@ -245,33 +245,27 @@ def _mix_backward(
 
 @triton.jit
 def _dx_block(
-    p_dh, p_prm, s_k, k0, P, C,
+    p_dh, p_prm, s_k, row0, k0, P, C,
     ACC: tl.constexpr, DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PA: tl.constexpr, PB: tl.constexpr, HAS_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
-    """Columns k0 .. k0 + BLOCK_K of the x gradient, dx = sum_j dH_j Mc[:, j]^T, from the dH that
-    `_mix_backward` left at p_dh: row blocks (PA, BLOCK_K), (PB, BLOCK_K) in ACC. A block of
-    channels at a time, so the caller consumes dx (stores it, or turns it into the sampling
-    gradient) without ever holding all of it."""
-    o_a = tl.arange(0, PA)
-    m_a = o_a < P
-    o_b = PA + tl.arange(0, PB)
-    m_b = o_b < P
+    """Rows row0 .. row0 + ROWS, columns k0 .. k0 + BLOCK_K of the x gradient, dx = sum_j dH_j Mc[:, j]^T,
+    from the dH that `_mix_backward` left at p_dh, as a (ROWS, BLOCK_K) tile in ACC. A block at a
+    time, so the caller consumes dx (stores it, or turns it into the sampling gradient) without
+    ever holding all of it."""
+    o_r = row0 + tl.arange(0, ROWS)
+    m_r = o_r < P
     o_k = k0 + tl.arange(0, BLOCK_K)
     m_k = o_k < C
-    b_dxa = tl.zeros([PA, BLOCK_K], dtype=ACC)
-    b_dxb = tl.zeros([PB, BLOCK_K], dtype=ACC)
+    b_dx = tl.zeros([ROWS, BLOCK_K], dtype=ACC)
     for i_co in range(0, C, BLOCK_CO):
         o_co = i_co + tl.arange(0, BLOCK_CO)
         m_co = o_co < C
         b_mc = tl.load(p_prm + (o_k[:, None] * C + o_co[None, :]) * s_k, mask=m_k[:, None] & m_co[None, :],
                        other=0).to(DOT)
-        b_dha = tl.load(p_dh + o_a[:, None] * C + o_co[None, :], mask=m_a[:, None] & m_co[None, :], other=0)
-        b_dxa += tl.dot(b_dha.to(DOT), tl.trans(b_mc), input_precision=DOT_PRECISION, out_dtype=ACC)
-        if HAS_B:
-            b_dhb = tl.load(p_dh + o_b[:, None] * C + o_co[None, :], mask=m_b[:, None] & m_co[None, :], other=0)
-            b_dxb += tl.dot(b_dhb.to(DOT), tl.trans(b_mc), input_precision=DOT_PRECISION, out_dtype=ACC)
-    return b_dxa, b_dxb
+        b_dh = tl.load(p_dh + o_r[:, None] * C + o_co[None, :], mask=m_r[:, None] & m_co[None, :], other=0)
+        b_dx += tl.dot(b_dh.to(DOT), tl.trans(b_mc), input_precision=DOT_PRECISION, out_dtype=ACC)
+    return b_dx
 
 
 @triton.jit
@@ -333,18 +327,22 @@ def adaptive_mix_bwd_kernel(
         b_xa, b_xb, p_prmt, s_pk, p_bc, s_bc, p_bs, s_bs,
         p_do + i_b * s_gb + i_n * s_gn, s_gp, s_gc, p_dprm + i_t * (C * C + P * P), p_dbc + i_t * C, p_dbs + i_t * P,
         p_dht, P, C, ACC, DOT, DOT_PRECISION, PA, PB, HAS_B, BLOCK_C, BLOCK_CO)
-    o_a = tl.arange(0, PA)
-    o_b = PA + tl.arange(0, PB)
     p_dxt = p_dx + i_t * P * C
+    _store_dx_rows(p_dxt, p_dht, p_prmt, s_pk, 0, P, C, ACC, DOT, DOT_PRECISION, PA, BLOCK_K, BLOCK_CO)
+    if HAS_B:
+        _store_dx_rows(p_dxt, p_dht, p_prmt, s_pk, PA, P, C, ACC, DOT, DOT_PRECISION, PB, BLOCK_K, BLOCK_CO)
+
+
+@triton.jit
+def _store_dx_rows(p_dxt, p_dht, p_prmt, s_pk, row0, P, C, ACC: tl.constexpr, DOT: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr):
+    """Rows row0 .. row0 + ROWS of one token's x gradient, stored a channel block at a time."""
+    o_r = row0 + tl.arange(0, ROWS)
     for k0 in range(0, C, BLOCK_K):
-        b_dxa, b_dxb = _dx_block(p_dht, p_prmt, s_pk, k0, P, C, ACC, DOT, DOT_PRECISION, PA, PB, HAS_B, BLOCK_K,
-                                 BLOCK_CO)
+        b_dx = _dx_block(p_dht, p_prmt, s_pk, row0, k0, P, C, ACC, DOT, DOT_PRECISION, ROWS, BLOCK_K, BLOCK_CO)
         o_k = k0 + tl.arange(0, BLOCK_K)
-        tl.store(p_dxt + o_a[:, None] * C + o_k[None, :], b_dxa.to(p_dx.dtype.element_ty),
-                 mask=(o_a[:, None] < P) & (o_k[None, :] < C))
-        if HAS_B:
-            tl.store(p_dxt + o_b[:, None] * C + o_k[None, :], b_dxb.to(p_dx.dtype.element_ty),
-                     mask=(o_b[:, None] < P) & (o_k[None, :] < C))
+        tl.store(p_dxt + o_r[:, None] * C + o_k[None, :], b_dx.to(p_dxt.dtype.element_ty),
+                 mask=(o_r[:, None] < P) & (o_k[None, :] < C))
 
 
 # ----------------------------------------------------------------------------- launch configuration
@@ -393,9 +391,9 @@ def mix_config(P: int, C: int, dtype: torch.dtype, target: _backend.Target, back
         PB=max(pb, 16),
         HAS_B=pb > 0,
         BLOCK_C=block_c,
-        BLOCK_CO=min(16 if compact or fp64 or backward else 32, block_c),
+        BLOCK_CO=min(16 if compact or fp64 else 32, block_c),
         BLOCK_K=min(32, block_c),
-        num_warps=8 if backward else 4,
+        num_warps=4,
         num_stages=1 if compact or fp64 or backward else 2,
     )
 

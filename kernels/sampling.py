@@ -20,7 +20,7 @@ torch.library ops (+ FLOP formula, autograd) -> public function.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,7 @@ def sparse_sample_reference(features: Tensor, points: Tensor) -> Tensor:
 
 
 def sparse_sample_reference_backward(grad_out: Tensor, features: Tensor, points: Tensor,
-                                     map_grad_dtype: Optional[torch.dtype] = None):
+                                     map_grad_dtype: torch.dtype | None = None):
     """Gradients of `sparse_sample_reference` w.r.t. (features, points), unclamped.
 
     grad_out (B, N, P, C) -> (like features, in `map_grad_dtype` if given; like points). Uses
@@ -357,13 +357,13 @@ def sparse_sample_fwd(features: Tensor, points: Tensor, backend: str) -> Tensor:
     return out
 
 
-def _clamps(clamp: Optional[Sequence[float]], ndim: int) -> tuple[float, float, float]:
+def _clamps(clamp: Sequence[float] | None, ndim: int) -> tuple[float, float, float]:
     values = [0.0, 0.0, 0.0] if clamp is None else list(clamp) + [0.0] * (3 - len(clamp))
     return tuple(float(v) for v in values[:3])
 
 
 def sparse_sample_bwd(grad_out: Tensor, features: Tensor, points: Tensor, grad_map: Tensor,
-                      clamp: Optional[Sequence[float]], backend: str) -> Tensor:
+                      clamp: Sequence[float] | None, backend: str) -> Tensor:
     """grad_out (B, N, P, C); adds the map gradient into `grad_map` (the chain's contiguous fp32/fp64
     accumulator shaped like features) and returns the points' gradient (B, N, P, 2|3), contiguous."""
     if backend != "triton":
@@ -398,7 +398,7 @@ def chain_token(features: Tensor) -> Tensor:
     return torch.zeros((), dtype=acc, device=features.device).expand(features.shape)
 
 
-def accumulator(grad_token: Optional[Tensor], features: Tensor) -> Tensor:
+def accumulator(grad_token: Tensor | None, features: Tensor) -> Tensor:
     """The chain's accumulator: the gradient that reached a token (the buffer a later step filled),
     or a fresh zero buffer for the last step of the chain."""
     acc = _backend.accumulate_dtype(features.dtype)
@@ -437,7 +437,7 @@ map_grad_root.register_autograd(_root_backward, setup_context=_root_setup)
 # ----------------------------------------------------------------------------- torch.library ops
 @torch.library.custom_op("sparseformer::sparse_sample", mutates_args=())
 def _sparse_sample_op(
-    features: Tensor, points: Tensor, token: Tensor, clamp: Optional[list[float]], backend: str
+    features: Tensor, points: Tensor, token: Tensor, clamp: list[float] | None, backend: str
 ) -> tuple[Tensor, Tensor]:
     return sparse_sample_fwd(features, points, backend), chain_token(features)
 
@@ -450,7 +450,7 @@ def _(features, points, token, clamp, backend):
 
 @torch.library.custom_op("sparseformer::sparse_sample_backward", mutates_args=("grad_map",))
 def _sparse_sample_backward_op(
-    grad_out: Tensor, features: Tensor, points: Tensor, grad_map: Tensor, clamp: Optional[list[float]], backend: str
+    grad_out: Tensor, features: Tensor, points: Tensor, grad_map: Tensor, clamp: list[float] | None, backend: str
 ) -> Tensor:
     return sparse_sample_bwd(grad_out, features, points, grad_map, clamp, backend)
 
@@ -511,7 +511,7 @@ def check_sampling_inputs(op: str, features: Tensor, points: Tensor) -> None:
     check_points(op, points, features)
 
 
-def check_clamp(op: str, clamp, ndim: int) -> Optional[list[float]]:
+def check_clamp(op: str, clamp, ndim: int) -> list[float] | None:
     """point_grad_clamp as one bound per axis: None, a number (every axis) or one number per axis, all > 0."""
     if clamp is None:
         return None

@@ -211,7 +211,7 @@ TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfl
 def _compare(got, ref, dtype) -> tuple[float, bool]:
     """Worst norm-wise relative error over outputs and gradients; NaN must be where the reference has it."""
     worst, ok = 0.0, True
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         g = g.detach().double().cpu()
         if not torch.equal(torch.isnan(g), torch.isnan(r)):
             return float("nan"), False
@@ -250,7 +250,7 @@ def determinism(device: torch.device, small: bool) -> dict:
     checks = []
     for case in _cases(device, torch.float32, 2, small):
         first, second = case["run"](), case["run"]()
-        for i, (a, b) in enumerate(zip(first, second)):
+        for i, (a, b) in enumerate(zip(first, second, strict=True)):
             what = "output" if i == 0 else f"grad {i - 1}"
             is_map = case["op"] != "adaptive_mix" and i == 1
             drift = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -294,7 +294,7 @@ def model_check(device: torch.device, small: bool) -> dict:
             results[backend] = [logits.detach().float()] + [p.grad.float() for p in m.parameters()]
         tol = 1e-4 if dtype is None else 3e-2
         worst = max(((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-                    for a, b in zip(results["triton"], results["torch"]))
+                    for a, b in zip(results["triton"], results["torch"], strict=True))
         checks.append(dict(check=f"triton vs torch, {name}", worst_rel_err=worst, tol=tol, ok=worst <= tol))
     m.backend = "triton"
     if device.type == "cpu":  # tracing under the interpreter takes a minute; tests/test_kernels_ops.py covers it
@@ -355,40 +355,43 @@ def timings(device: torch.device) -> dict:
                            "speedup_vs_reference")} for r in rows])
 
 
-def training_step(device: torch.device) -> dict:
-    """SparseFormer-T at B = 128, bf16 autocast, AdamW: median step time and peak memory per backend."""
+def _step_stats(backend: str, device: torch.device) -> dict:
+    """SparseFormer-T at B = 128, bf16 autocast, fused AdamW: median of 10 steps and peak memory."""
     from model import create_model
 
+    torch.manual_seed(0)
+    m = create_model("sparseformer_t", backend=backend).to(device).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
+    x = torch.randn(128, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (128,), device=device)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    median = sorted(times)[len(times) // 2]
+    return dict(backend=backend, step_ms=1e3 * median, img_s=128 / median,
+                max_memory_allocated_mib=torch.cuda.max_memory_allocated(device) / 2**20)
+
+
+def training_step(device: torch.device) -> dict:
+    """A SparseFormer-T training step per backend: time and peak memory, and the targets."""
     rows = []
     for backend in ("torch", "triton"):
-        torch.manual_seed(0)
-        m = create_model("sparseformer_t", backend=backend).to(device).train()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)
-        x = torch.randn(128, 3, 224, 224, device=device)
-        y = torch.randint(0, 1000, (128,), device=device)
-
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(m(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            step()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        times.sort()
-        rows.append(dict(backend=backend, step_ms=1e3 * times[len(times) // 2],
-                         img_s=128 / times[len(times) // 2],
-                         max_memory_allocated_mib=torch.cuda.max_memory_allocated(device) / 2**20))
-        del m, opt
+        rows.append(_step_stats(backend, device))
         torch.cuda.empty_cache()
     speedup = rows[0]["step_ms"] / rows[1]["step_ms"]
     memory = rows[1]["max_memory_allocated_mib"] / rows[0]["max_memory_allocated_mib"]

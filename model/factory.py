@@ -50,7 +50,11 @@ def check_model_args(name: str, pretrained=False, **overrides) -> tuple[type, di
     unknown = set(overrides) - accepted
     if unknown:
         raise ValueError(f"{name}: unknown override(s) {sorted(unknown)}; accepted: {sorted(accepted)}")
-    hub.check_source(pretrained, name, _PRETRAINED.get(cls, hub.PretrainedCfg()))
+    if issubclass(cls, video.VideoSparseFormer):  # image weights, inflated (model/video.py)
+        image = video.IMAGE_VARIANTS[name]
+        hub.check_source(pretrained, image, _PRETRAINED[sparseformer.SparseFormer])
+    else:
+        hub.check_source(pretrained, name, _PRETRAINED.get(cls, hub.PretrainedCfg()))
     return cls, {**defaults, **overrides}
 
 
@@ -60,6 +64,7 @@ def create_model(name: str, pretrained=False, **overrides) -> nn.Module:
     pretrained: False; True (the authors' released weights of this variant, downloaded once into the
     torch hub cache); a release tag; a URL; or a file (a train.py checkpoint, a state dict, the
     authors' v1/v2 files). A different num_classes re-initialises the classifier (model/hub.py).
+    A VideoSparseFormer takes the weights of its image variant (video.IMAGE_VARIANTS), inflated.
 
     SparseFormer keys: num_tokens, num_points, conv_dim, focusing_dim, cortex_dim, cortex_depth,
     focusing_repeats, num_heads, mlp_ratio, num_classes, in_chans, drop_path_rate, backend,
@@ -69,6 +74,11 @@ def create_model(name: str, pretrained=False, **overrides) -> nn.Module:
     """
     cls, kwargs = check_model_args(name, pretrained, **overrides)
     model = cls(**kwargs)
-    if pretrained:
+    if pretrained and isinstance(model, video.VideoSparseFormer):
+        # the image variant with the same widths takes the weights, then inflates into this model
+        image_kwargs = {k: v for k, v in model.init_kwargs.items() if k != "replicates"}
+        image = create_model(video.IMAGE_VARIANTS[name], pretrained=pretrained, **image_kwargs)
+        model.load_state_dict(video.inflate(image, model.replicates).state_dict())
+    elif pretrained:
         hub.load_pretrained(model, pretrained, name, _PRETRAINED.get(cls, hub.PretrainedCfg()))
     return model

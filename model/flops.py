@@ -22,8 +22,9 @@ if _CPU_SDPA not in flop_registry:
 
 
 def is_video_model(model: nn.Module) -> bool:
-    """Video models take clips (B, C, T, H, W): VideoSparseFormer (3-D sampling), ViViT (frames)."""
-    return getattr(model, "ndim", 2) == 3 or hasattr(model, "num_frames")
+    """Video models take clips (B, C, T, H, W) and say so: `takes_clips = True` (VideoSparseFormer,
+    ViViT, FrameAveraged)."""
+    return getattr(model, "takes_clips", False)
 
 
 def count_flops(model: nn.Module, resolution: int, in_chans: int | None = None, batch_size: int = 1,

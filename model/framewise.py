@@ -18,6 +18,8 @@ class FrameAveraged(nn.Module):
     `image_model` is a module or a registered image model's name, built with `create_model(name,
     num_classes=..., in_chans=..., **image_kwargs)` (None keeps that model's default)."""
 
+    takes_clips = True
+
     def __init__(self, image_model: str | nn.Module = "sparseformer_nano", num_classes: int | None = None,
                  in_chans: int | None = None, image_kwargs: dict | None = None):
         super().__init__()

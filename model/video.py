@@ -38,6 +38,7 @@ class VideoSparseFormer(SparseFormer):
     has num_tokens * replicates latent tokens. Other arguments as SparseFormer."""
 
     ndim = 3
+    takes_clips = True
 
     def __init__(self, num_tokens: int = 49, replicates: int = 4, **kwargs):
         if not isinstance(replicates, int) or replicates < 1:
@@ -113,6 +114,10 @@ def inflate(image_model: SparseFormer, replicates: int = 4, **overrides) -> Vide
     video.sampling_grad_scale = image_model.sampling_grad_scale
     return video
 
+
+# The image variant each video variant inflates for `create_model(name, pretrained=...)`.
+IMAGE_VARIANTS = {"videosparseformer_t": "sparseformer_t", "videosparseformer_s": "sparseformer_s",
+                  "videosparseformer_b": "sparseformer_b", "videosparseformer_nano": "sparseformer_nano"}
 
 # The image variants' widths (model/sparseformer.py VARIANTS) with R = 4 replicates (the authors'
 # example: 8 frames at 224 px, 196 tokens), and a CPU-sized one for the embedded moving-digits task.

@@ -24,6 +24,8 @@ VARIANTS: dict[str, dict] = {
 class ViViT(DeiT):
     """clips (B, in_chans, num_frames, img_size, img_size) -> logits (B, classes)."""
 
+    takes_clips = True
+
     def __init__(
         self,
         img_size: int = 224,

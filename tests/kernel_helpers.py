@@ -1,5 +1,6 @@
 """Shared by the kernel tests: the devices they run on, float64 comparison with per-dtype bounds,
-and NaN-poisoned outputs.
+and NaN-poisoned outputs. The fixtures (`device`, `poisoned`, `pin_fp32_matmul`) are registered
+for every test module by tests/conftest.py.
 
 Devices: "cpu" when the kernels were built for Triton's interpreter (TRITON_INTERPRET=1, the CPU
 suite), "cuda" (marked `gpu`) when they were compiled and a GPU is present
@@ -28,7 +29,7 @@ def device(request):
     return torch.device(request.param)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def pin_fp32_matmul():
     """IEEE fp32 dots in the kernels and in torch (TF32 would need the 2e-3 bound)."""
     before = torch.get_float32_matmul_precision()

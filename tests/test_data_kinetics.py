@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data import collate_skip_none
-from data.kinetics import KineticsClips, average_view_logits, build_kinetics, fold_views
+from data.kinetics import KineticsBuilder, KineticsClips, average_view_logits, fold_views
 
 av = pytest.importorskip("av")
 
@@ -130,10 +130,11 @@ def test_list_files_space_or_comma_relative_or_absolute(root, tmp_path):
         KineticsClips(tmp_path, "train", num_classes=5)
 
 
-def test_build_kinetics_reports_what_the_model_needs(root):
-    train, val, info = build_kinetics(root, num_frames=4, frame_stride=2, image_size=16, test_clips=2, test_crops=1)
-    assert info == {"num_classes": 2, "in_chans": 3, "image_size": 16, "num_frames": 4, "num_views": 2}
-    assert train.train and not val.train and val[(0, 0)][0].shape == (2, 3, 4, 16, 16)
+def test_the_builder_reports_what_the_model_needs(root):
+    splits = KineticsBuilder(str(root), num_frames=4, frame_stride=2, image_size=16, test_clips=2, test_crops=1).build()
+    s = splits.spec
+    assert (s.num_classes, s.in_chans, s.image_size, s.frames, s.views) == (2, 3, 16, 4, 2)
+    assert splits.train.train and not splits.val.train and splits.val[(0, 0)][0].shape == (2, 3, 4, 16, 16)
 
 
 def test_bad_roots_lists_and_arguments_are_one_line_errors(root, tmp_path):
@@ -150,23 +151,22 @@ def test_bad_roots_lists_and_arguments_are_one_line_errors(root, tmp_path):
     (tmp_path / "empty" / "train" / "some_class").mkdir(parents=True)
     with pytest.raises(ValueError, match="no videos found"):
         KineticsClips(tmp_path / "empty", "train")
-    with pytest.raises(FileNotFoundError, match="data.root is not set"):
-        build_kinetics(None)
+    with pytest.raises(ValueError, match="data.root=None: Kinetics needs a folder"):
+        KineticsBuilder(None).check()
+    with pytest.raises(ValueError, match="data.root=.*no such directory"):
+        KineticsBuilder(str(tmp_path / "nope")).check()
     with pytest.raises(ValueError, match="test_crops"):
         KineticsClips(root, test_crops=2)
     with pytest.raises(ValueError, match="frame_stride"):
         KineticsClips(root, frame_stride=0)
 
 
-def test_config_draft_holds_every_builder_key(root):
-    import inspect
-    from pathlib import Path
+def test_the_config_builds_and_checks(root):
+    from data import builder_from_config
+    from train_helpers import compose_cfg
 
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / "kinetics.yaml")
-    keys = inspect.signature(build_kinetics).parameters
-    assert set(keys) <= set(cfg)
-    cfg.root = str(root)
-    _, val, info = build_kinetics(**{k: cfg[k] for k in keys})
-    assert info == {"num_classes": 2, "in_chans": 3, "image_size": 224, "num_frames": 16, "num_views": 15}
+    cfg = compose_cfg(["data=kinetics", f"data.root={root}"])
+    s = builder_from_config(cfg.data).build().spec
+    assert (s.num_classes, s.in_chans, s.image_size, s.frames, s.views) == (2, 3, 224, 16, 15)
+    with pytest.raises(ValueError, match="data.frame_stride=0"):
+        builder_from_config(compose_cfg(["data=kinetics", f"data.root={root}", "data.frame_stride=0"]).data)

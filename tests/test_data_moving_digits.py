@@ -9,7 +9,7 @@ from data.cluttered_mnist import DIGIT, split_indices
 from data.moving_digits import (
     DIRECTIONS,
     MovingDigits,
-    build_moving_digits,
+    MovingDigitsBuilder,
     reverse_class,
     reverse_clip,
     start_ranges,
@@ -104,8 +104,8 @@ def test_reversed_clips_start_like_the_class_they_map_to():
 
 
 def test_test_labels_are_balanced_and_training_clips_change_every_epoch():
-    train, test, info = build_moving_digits(train_samples_per_epoch=16, test_samples=1000)
-    assert info == {"num_classes": 8, "in_chans": 1, "image_size": 64, "num_frames": 8}
+    train, test, spec = MovingDigitsBuilder(train_samples_per_epoch=16, test_samples=1000).build().__dict__.values()
+    assert (spec.num_classes, spec.in_chans, spec.image_size, spec.frames, spec.views) == (8, 1, 64, 8, 1)
     assert np.bincount([test[key][1] for key in EvalSampler(len(test), seed=0)]).tolist() == [125] * 8
     s = TrainSampler(len(train), seed=0)
     s.set_epoch(0)
@@ -141,14 +141,15 @@ def test_bad_arguments_are_refused(kwargs, match):
         MovingDigits(**kwargs)
 
 
-def test_config_draft_holds_every_builder_key():
-    import inspect
-    from pathlib import Path
+def test_the_config_builds_the_task_and_bad_keys_name_themselves():
+    from data import builder_from_config
+    from train_helpers import compose_cfg
 
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / "moving_digits.yaml")
-    keys = inspect.signature(build_moving_digits).parameters
-    assert set(keys) <= set(cfg)
-    _, test, info = build_moving_digits(**{k: cfg[k] for k in keys})
-    assert info["image_size"] == test.canvas_size == 64 and info["num_frames"] == 8 and len(test) == 1000
+    cfg = compose_cfg(["data=moving_digits"])
+    splits = builder_from_config(cfg.data).build()
+    assert splits.spec.image_size == splits.val.canvas_size == 64 and splits.spec.frames == 8
+    assert len(splits.val) == 1000
+    for key, value, match in [("canvas_size", 40, "data.canvas_size=40 is too small"), ("speed", [3, 2], "data.speed"),
+                              ("num_frames", 1, "data.num_frames"), ("test_samples", 0, "data.test_samples")]:
+        with pytest.raises(ValueError, match=match):
+            builder_from_config(compose_cfg(["data=moving_digits", f"data.{key}={value}"]).data)

@@ -3,21 +3,20 @@ composition of the sampling and mixing references, forward and every gradient.""
 import pytest
 import torch
 
-from kernel_helpers import (  # noqa: F401 (device, pin_fp32_matmul, poisoned are fixtures)
+from kernel_helpers import (
     TOL,
     assert_close,
     assert_same_nans_and_close,
     break_kernels,
-    device,
     launch_one_program_too_few,
-    pin_fp32_matmul,
-    poisoned,
     to64,
 )
 from kernels import FeatureMap, fused, sample_and_mix
 from kernels.fused import sample_and_mix_reference, sample_and_mix_reference_backward
 
 NAMES = ("forward", "grad features", "grad points", "grad params", "grad channel_bias", "grad spatial_bias")
+
+pytestmark = pytest.mark.usefixtures("pin_fp32_matmul")  # IEEE fp32 dots: the 1e-5 bound
 
 
 def make_inputs(B, T, H, W, C, N, P, D, dtype, device="cpu", map_dtype=None, lo=-0.2, hi=1.2):
@@ -45,7 +44,7 @@ def run_both(inputs, grad_out, clamp=None, backend="triton"):
 
 
 def check_all(got, ref, tol):
-    for o, r, what in zip(got, ref, NAMES):
+    for o, r, what in zip(got, ref, NAMES, strict=True):
         assert_close(o, r, tol, what)
 
 
@@ -96,7 +95,7 @@ def test_nan_point_poisons_its_token_like_the_reference(poisoned, device, D):
     inputs[1][0, 1, 4, 0] = float("nan")
     got, ref = run_both(inputs, grad_out)
     assert torch.isnan(got[0][0, 1]).all() and torch.isfinite(got[0][0, [0, 2]]).all()
-    for o, r, what in zip(got, ref, NAMES):
+    for o, r, what in zip(got, ref, NAMES, strict=True):
         assert_same_nans_and_close(o, r, TOL[torch.float32], what)
 
 
@@ -155,7 +154,7 @@ def test_deterministic_mode_refuses_the_atomic_backward(device):
 def test_everything_but_the_map_gradient_is_bitwise_reproducible(device):
     inputs, grad_out = make_inputs(2, 1, 6, 7, 24, 3, 36, 2, torch.float32, device)
     first, second = run_both(inputs, grad_out, clamp=0.3)[0], run_both(inputs, grad_out, clamp=0.3)[0]
-    for a, b, what in zip(first, second, NAMES):
+    for a, b, what in zip(first, second, NAMES, strict=True):
         if what == "grad features":
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         else:

@@ -4,15 +4,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel_helpers import (  # noqa: F401 (device, pin_fp32_matmul, poisoned are fixtures)
+from kernel_helpers import (
     TOL,
     assert_close,
     break_kernels,
-    device,
     kernel_devices,
     launch_one_program_too_few,
-    pin_fp32_matmul,
-    poisoned,
     to64,
 )
 from kernels import mixing
@@ -26,6 +23,8 @@ from kernels.mixing import (
 )
 
 NAMES = ("x", "params", "channel_bias", "spatial_bias")
+
+pytestmark = pytest.mark.usefixtures("pin_fp32_matmul")  # IEEE fp32 dots: the 1e-5 bound
 
 
 def make_inputs(B, N, P, C, dtype, device="cpu"):
@@ -51,7 +50,7 @@ def run_both(inputs, grad_out):
 
 
 def check_all(got, ref, tol):
-    for o, r, what in zip(got, ref, ("forward", *(f"grad {n}" for n in NAMES))):
+    for o, r, what in zip(got, ref, ("forward", *(f"grad {n}" for n in NAMES)), strict=True):
         assert_close(o, r, tol, what)
 
 
@@ -135,7 +134,7 @@ def test_bitwise_reproducible(device):
     """No atomics in the mixing kernels: forward and every gradient equal bit for bit run to run."""
     inputs, grad_out = make_inputs(2, 3, 36, 24, torch.float32, device)
     first, second = run_both(inputs, grad_out)[0], run_both(inputs, grad_out)[0]
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
 def test_poisoning_catches_unwritten_elements(poisoned, device, monkeypatch):

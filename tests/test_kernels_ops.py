@@ -89,7 +89,7 @@ def test_torch_compile_traces_without_graph_breaks(backend, fused):
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     grads = torch.autograd.grad(compiled(*inputs), inputs)
     ref_grads = torch.autograd.grad(fn(*inputs), inputs)
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(g, r)
 
 
@@ -105,7 +105,7 @@ def test_torch_compile_inductor_cpu():
     _, params, bc, bs = _mix_args(torch.float32)
     inputs = [t.requires_grad_() for t in (_map(2, torch.float32), torch.rand(B, N, P, 2), params, bc, bs)]
     grads = torch.autograd.grad(torch.compile(fn, fullgraph=True)(*inputs), inputs)
-    for g, r in zip(grads, torch.autograd.grad(fn(*inputs), inputs)):
+    for g, r in zip(grads, torch.autograd.grad(fn(*inputs), inputs), strict=True):
         torch.testing.assert_close(g, r)
 
 

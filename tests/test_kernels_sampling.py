@@ -9,19 +9,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernel_helpers import (  # noqa: F401 (device, pin_fp32_matmul, poisoned are fixtures)
+from kernel_helpers import (
     TOL,
     assert_close,
     assert_same_nans_and_close,
     break_kernels,
-    device,
     launch_one_program_too_few,
-    pin_fp32_matmul,
-    poisoned,
     to64,
 )
-from kernels import FeatureMap, backend as kbackend, sampling
+from kernels import FeatureMap, sampling
+from kernels import backend as kbackend
 from kernels.sampling import sparse_sample, sparse_sample_bwd, sparse_sample_reference, sparse_sample_reference_backward
+
+pytestmark = pytest.mark.usefixtures("pin_fp32_matmul")  # IEEE fp32 dots: the 1e-5 bound
 
 
 def run_both(features, points, grad_out, clamp=None, backend="triton"):

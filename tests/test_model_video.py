@@ -117,3 +117,15 @@ def test_tubes_from_boxes_and_bad_inputs():
         m(torch.randn(2, 3, 4, 32, 32))
     with pytest.raises(ValueError, match="replicates"):
         VideoSparseFormer(replicates=0)
+
+
+def test_pretrained_video_model_inflates_its_image_variants_weights(tmp_path):
+    """create_model("videosparseformer_*", pretrained=<image weights>) = inflate(the image model with them)."""
+    image = model.create_model("sparseformer_nano", **{**TINY, "in_chans": 1})
+    path = tmp_path / "image.pt"
+    torch.save(image.state_dict(), path)
+    video = model.create_model("videosparseformer_nano", pretrained=str(path), **{**TINY, "in_chans": 1},
+                               replicates=3)
+    expected = inflate(image, replicates=3)
+    for (k, a), b in zip(video.state_dict().items(), expected.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
