@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from test_data_kinetics import write_video
-from train_helpers import FAST, TINY_MODEL, compose_cfg
 
 import train as train_script
 from data import average_view_logits, fold_views
+from test_data_kinetics import write_video
+from train_helpers import FAST, TINY_MODEL, compose_cfg
 
 TINY_CLIPS = ["data.batch_size=8", "data.eval_batch_size=8", "data.train_samples_per_epoch=16", "data.test_samples=8",
               "data.num_frames=4", "data.canvas_size=40", "data.speed=[2,2]", "data.num_workers=0"]
