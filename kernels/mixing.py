@@ -373,11 +373,11 @@ def mix_config(P: int, C: int, dtype: torch.dtype, target: _backend.Target, back
     """Constexprs and launch options shared by the forward, backward and fused kernels.
 
     4 warps and 32-wide output-channel blocks keep a token's working set small enough for several
-    tokens per SM; the backward (three passes, see `_mix_backward`) takes 8 warps, 16-wide output
-    blocks and no pipelining to stay within 255 registers without spilling on every arch (the
-    fused 3-D backward, 8 corners per point, spills 32-92 bytes otherwise); fewer pipeline stages
-    where shared memory is tight (sm_86/sm_89: 99 KB per block). Checked for every arch by
-    `python -m kernels.aot` (registers, spills, shared memory).
+    tokens per SM; the backward (three passes, see `_mix_backward`; the fused epilogue a row block at
+    a time) runs without pipelining, which keeps its 16-bit kernels within 255 registers without
+    spilling on sm_80/86/89/90; 16-wide blocks and no pipelining where shared memory is tight
+    (sm_86/sm_89: 99 KB per block) and for fp64. Checked for every arch by `python -m kernels.aot`
+    (registers, spills, shared memory).
     """
     pa, pb = row_blocks(P)
     block_c = max(16, triton.next_power_of_2(C))
