@@ -124,10 +124,16 @@ def dot_dtype(dtype: torch.dtype):
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp64: exact fp64 dots. fp16/bf16: exact (their products fit fp32). fp32: torch's own knob, so
-    fp32 stays IEEE unless the user opted into TF32 with torch.set_float32_matmul_precision."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
+    """fp64: exact fp64 dots. fp16/bf16: exact (their products fit fp32). fp32: torch's own knob —
+    TF32 where the user opted into it (torch.set_float32_matmul_precision("high"/"medium")); at
+    "highest", 3xTF32 on a GPU (three TF32 products: fp32 accuracy on the tensor cores; Triton's IEEE
+    fp32 dot is an FMA loop that spills 10+ KB per thread at these tiles, `python -m kernels.aot`),
+    exact under the interpreter."""
+    if dtype == torch.float32:
+        if torch.get_float32_matmul_precision() != "highest":
+            return "tf32"
+        if not INTERPRETER_AT_IMPORT:
+            return "tf32x3"
     return "ieee"
 
 
