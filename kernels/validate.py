@@ -415,7 +415,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with contextlib.ExitStack() as stack:
         before = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")  # IEEE fp32 dots: the 1e-5 bound applies
+        torch.set_float32_matmul_precision("highest")  # exact or 3xTF32 fp32 dots: the 1e-5 bound applies
         stack.callback(torch.set_float32_matmul_precision, before)
         report = Report(out)
         report.run("environment", lambda: environment(device))

@@ -16,7 +16,7 @@ from kernels.fused import sample_and_mix_reference, sample_and_mix_reference_bac
 
 NAMES = ("forward", "grad features", "grad points", "grad params", "grad channel_bias", "grad spatial_bias")
 
-pytestmark = pytest.mark.usefixtures("pin_fp32_matmul")  # IEEE fp32 dots: the 1e-5 bound
+pytestmark = pytest.mark.usefixtures("pin_fp32_matmul")  # fp32 at "highest": the 1e-5 bound
 
 
 def make_inputs(B, T, H, W, C, N, P, D, dtype, device="cpu", map_dtype=None, lo=-0.2, hi=1.2):

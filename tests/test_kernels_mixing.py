@@ -24,7 +24,7 @@ from kernels.mixing import (
 
 NAMES = ("x", "params", "channel_bias", "spatial_bias")
 
-pytestmark = pytest.mark.usefixtures("pin_fp32_matmul")  # IEEE fp32 dots: the 1e-5 bound
+pytestmark = pytest.mark.usefixtures("pin_fp32_matmul")  # fp32 at "highest": the 1e-5 bound
 
 
 def make_inputs(B, N, P, C, dtype, device="cpu"):

@@ -21,7 +21,7 @@ from kernels import FeatureMap, sampling
 from kernels import backend as kbackend
 from kernels.sampling import sparse_sample, sparse_sample_bwd, sparse_sample_reference, sparse_sample_reference_backward
 
-pytestmark = pytest.mark.usefixtures("pin_fp32_matmul")  # IEEE fp32 dots: the 1e-5 bound
+pytestmark = pytest.mark.usefixtures("pin_fp32_matmul")  # fp32 at "highest": the 1e-5 bound
 
 
 def run_both(features, points, grad_out, clamp=None, backend="triton"):
