@@ -246,3 +246,15 @@ def test_command_line_errors_reach_the_user(tmp_path):
     assert "data.batch_size=-1: batch size must be a positive integer" in res.stderr
     res = run_train(["data=cifar", f"run_dir={tmp_path / 'run'}"], timeout=120)
     assert res.returncode != 0 and "data/cifar" in res.stderr and "cluttered_mnist" in res.stderr
+
+
+def test_each_dataset_brings_its_default_model():
+    """data=<name> alone trains that dataset's default model (conf/default_model/); model=<name> replaces it."""
+    expected = {"cluttered_mnist": "sparseformer_nano", "moving_digits": "videosparseformer_nano",
+                "imagenet": "sparseformer_t", "kinetics": "videosparseformer_t"}
+    assert {p.stem for p in (CONF / "default_model").glob("*.yaml")} == set(expected)
+    for data, name in expected.items():
+        assert compose_cfg([f"data={data}"]).model.name == name
+    assert compose_cfg(["data=moving_digits", "model=framewise_sparseformer_nano"]).model.name == \
+        "framewise_sparseformer_nano"
+    assert compose_cfg(["model=deit_small"]).model.img_size == 100  # data_model still applies
