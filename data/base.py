@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -60,6 +62,25 @@ def expect(ok: bool, key: str, value, why: str) -> None:
     """A builder's key check: raise ValueError("data.<key>=<value>: <why>") unless `ok`."""
     if not ok:
         raise ValueError(f"data.{key}={value!r}: {why}")
+
+
+def folder_root(root: str | None, env_var: str, dataset: str) -> Path:
+    """data.root, else $<env_var>; a ValueError naming both when neither is set."""
+    root = root or os.environ.get(env_var)
+    if not root:
+        raise ValueError(f"data.root=None: {dataset} needs a folder; pass data.root=/path/to/{dataset.lower()} "
+                         f"or set the {env_var} environment variable")
+    return Path(root).expanduser()
+
+
+def check_crop(builder, hflip_key: str = "hflip") -> None:
+    """The random-resized-crop keys `scale`, `ratio` ([low, high], 0 < low <= high) and the flip probability."""
+    hflip = getattr(builder, hflip_key)
+    expect(is_num(hflip) and 0 <= hflip <= 1, hflip_key, hflip, "is a probability, in [0, 1]")
+    for key in ("scale", "ratio"):
+        lo_hi = getattr(builder, key)
+        expect(len(lo_hi) == 2 and all(is_num(v) for v in lo_hi) and 0 < lo_hi[0] <= lo_hi[1], key, lo_hi,
+               "must be [low, high] with 0 < low <= high")
 
 
 def is_int(x) -> bool:

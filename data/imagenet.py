@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .base import DatasetBuilder, InputSpec, Splits, expect, is_int, is_num
+from .base import DatasetBuilder, InputSpec, Splits, check_crop, expect, folder_root, is_int, is_num
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,7 @@ class ImageNetBuilder(DatasetBuilder):
     hflip: float = 0.5
 
     def resolved_root(self) -> Path:
-        root = self.root or os.environ.get("IMAGENET_ROOT")
-        if not root:
-            raise ValueError("data.root=None: ImageNet needs a folder; pass data.root=/path/to/imagenet "
-                             "or set the IMAGENET_ROOT environment variable")
-        return Path(root).expanduser()
+        return folder_root(self.root, "IMAGENET_ROOT", "ImageNet")
 
     def check(self) -> None:
         root = self.resolved_root()
@@ -141,11 +137,7 @@ class ImageNetBuilder(DatasetBuilder):
         expect(is_int(self.image_size) and self.image_size >= 32, "image_size", self.image_size,
                "must be an integer >= 32")
         expect(is_num(self.crop_pct) and 0 < self.crop_pct <= 1, "crop_pct", self.crop_pct, "must lie in (0, 1]")
-        expect(is_num(self.hflip) and 0 <= self.hflip <= 1, "hflip", self.hflip, "is a probability, in [0, 1]")
-        for key in ("scale", "ratio"):
-            lo_hi = getattr(self, key)
-            expect(len(lo_hi) == 2 and all(is_num(v) for v in lo_hi) and 0 < lo_hi[0] <= lo_hi[1], key, lo_hi,
-                   "must be [low, high] with 0 < low <= high")
+        check_crop(self)
 
     def build(self) -> Splits:
         root = self.resolved_root()

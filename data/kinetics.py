@@ -26,7 +26,6 @@ malformed line is an error that names the path.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .base import DatasetBuilder, InputSpec, Splits, average_view_logits, expect, fold_views, is_int, is_num  # noqa: F401
+from .base import (  # noqa: F401 (average_view_logits, fold_views: for callers of this module)
+    DatasetBuilder,
+    InputSpec,
+    Splits,
+    average_view_logits,
+    check_crop,
+    expect,
+    fold_views,
+    folder_root,
+    is_int,
+)
 from .imagenet import random_resized_crop_box, scan_class_folders
 
 log = logging.getLogger(__name__)
@@ -242,11 +251,7 @@ class KineticsBuilder(DatasetBuilder):
     hflip: float = 0.5
 
     def resolved_root(self) -> Path:
-        root = self.root or os.environ.get("KINETICS_ROOT")
-        if not root:
-            raise ValueError("data.root=None: Kinetics needs a folder; pass data.root=/path/to/kinetics "
-                             "or set the KINETICS_ROOT environment variable")
-        return Path(root).expanduser()
+        return folder_root(self.root, "KINETICS_ROOT", "Kinetics")
 
     def check(self) -> None:
         root = self.resolved_root()
@@ -259,11 +264,7 @@ class KineticsBuilder(DatasetBuilder):
                "must be an integer >= 32")
         expect(self.num_classes is None or (is_int(self.num_classes) and self.num_classes > 1), "num_classes",
                self.num_classes, "must be null (from the train split) or an integer > 1")
-        expect(is_num(self.hflip) and 0 <= self.hflip <= 1, "hflip", self.hflip, "is a probability, in [0, 1]")
-        for key in ("scale", "ratio"):
-            lo_hi = getattr(self, key)
-            expect(len(lo_hi) == 2 and all(is_num(v) for v in lo_hi) and 0 < lo_hi[0] <= lo_hi[1], key, lo_hi,
-                   "must be [low, high] with 0 < low <= high")
+        check_crop(self)
         for key in ("train_list", "val_list"):
             value = getattr(self, key)
             expect(value is None or Path(value).expanduser().is_file() or (root / str(value)).is_file(), key, value,
