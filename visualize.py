@@ -1,4 +1,5 @@
-"""Draw each token's RoI and sampling points over input images, per sampling step (PNG).
+"""Draw each token's RoI and sampling points over input images, per sampling step (PNG); for a video
+model, each token's tube and points over the frames of each clip (one PNG per clip).
 
     python visualize.py checkpoint=outputs/<run>/checkpoints/last.pt
     python visualize.py checkpoint=/path/sparseformer_t.pth data=imagenet data.root=/data/imagenet
@@ -13,14 +14,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data import builder_from_config
-from data.augment import BatchTransform
 from data.samplers import EvalSampler
 from model import load_official_checkpoint
 from model.hub import read_checkpoint
 from training.checkpoint import TrainState
 from training.config import ConfigError, register_resolvers
 from training.optim import EMA
-from training.visualize import draw_sampling, plt
+from training.visualize import draw_sampling, draw_tubes, plt
 
 register_resolvers()
 log = logging.getLogger("visualize")
@@ -42,28 +42,43 @@ def load_model(cfg: DictConfig):
     return (state.ema.module if state.ema else model).eval(), run_cfg.data, run_cfg.seed
 
 
-def visualize(cfg: DictConfig) -> Path:
+def visualize(cfg: DictConfig) -> list[Path]:
+    """The PNGs written: one for images (a row per image), one per clip for a video model."""
     model, data_cfg, seed = load_model(cfg)
     if not hasattr(model, "sampling_grad_scale"):
         raise ConfigError(f"checkpoint={cfg.checkpoint!r}: {type(model).__name__} has no RoIs to draw")
-    splits = builder_from_config(data_cfg).build()
+    builder = builder_from_config(data_cfg)
+    splits = builder.build()
     val_set = splits.val
     keys = list(EvalSampler(len(val_set), seed=seed))
     items = [val_set[k] for k in keys[: 4 * cfg.num_images]]
     items = [it for it in items if it is not None][: cfg.num_images]  # undecodable files are skipped
+    if not items:
+        raise ConfigError(f"data={data_cfg.name}: no readable validation sample to draw")
     images = torch.stack([it[0] for it in items])
     labels = torch.tensor([it[1] for it in items])
-    x, _ = BatchTransform(data_cfg.mean, data_cfg.std, splits.spec.num_classes, train=False)(images, labels)
+    transform = builder.transform_class()(data_cfg.mean, data_cfg.std, splits.spec.num_classes, train=False)
+    x, _ = transform(images, labels)
+    if x.dim() == 6:  # several test views per clip: draw the first
+        x = x[:, 0]
     with torch.no_grad():
         out = model(x, return_aux=True)
     pred = out.logits.argmax(-1)
     titles = [f"label {int(y)}, predicted {int(p)}" for y, p in zip(labels, pred, strict=True)]
-    fig = draw_sampling(x, out.rois, out.points, data_cfg.mean, data_cfg.std, titles=titles)
-    dest = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).with_name(f"rois_{Path(cfg.checkpoint).stem}.png")
-    fig.savefig(dest, dpi=120)
-    plt.close(fig)
-    log.info("wrote %s (%d images x %d sampling steps)", dest, len(items), len(out.rois))
-    return dest
+    base = Path(cfg.out) if cfg.out else Path(cfg.checkpoint).with_name(f"rois_{Path(cfg.checkpoint).stem}.png")
+    if x.dim() == 5:  # clips (B, C, T, H, W): one figure per clip, a row per sampling step, a column per frame
+        figures = [draw_tubes(x[i], [r[i] for r in out.rois], [p[i] for p in out.points], data_cfg.mean,
+                              data_cfg.std, title=titles[i]) for i in range(len(items))]
+        dests = [base.with_name(f"{base.stem}_clip{i}{base.suffix}") for i in range(len(items))]
+    else:
+        figures = [draw_sampling(x, out.rois, out.points, data_cfg.mean, data_cfg.std, titles=titles)]
+        dests = [base]
+    for fig, dest in zip(figures, dests, strict=True):
+        fig.savefig(dest, dpi=120)
+        plt.close(fig)
+    log.info("wrote %s (%d %s x %d sampling steps)", ", ".join(map(str, dests)), len(items),
+             "clips" if x.dim() == 5 else "images", len(out.rois))
+    return dests
 
 
 @hydra.main(config_path="conf", config_name="visualize", version_base="1.3")

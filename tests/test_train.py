@@ -160,7 +160,7 @@ def test_visualize_draws_every_sampling_step(mnist_run, tmp_path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="visualize", overrides=[f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}",
                                                           "num_images=3", f"out={tmp_path / 'rois.png'}"])
-    out = visualize.visualize(cfg)
+    (out,) = visualize.visualize(cfg)
     img = Image.open(out)
     # 3 rows (images) x 2 columns (2 focusing repeats + the cortex's sampling step = 3 steps)
     assert img.width > img.height * 0.8 and np.asarray(img).std() > 10

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
 
 import train as train_script
+import visualize
 from data import average_view_logits, fold_views
 from test_data_kinetics import write_video
-from train_helpers import FAST, TINY_MODEL, compose_cfg
+from train_helpers import CONF, FAST, TINY_MODEL, compose_cfg
 
 TINY_CLIPS = ["data.batch_size=8", "data.eval_batch_size=8", "data.train_samples_per_epoch=16", "data.test_samples=8",
               "data.num_frames=4", "data.canvas_size=40", "data.speed=[2,2]", "data.num_workers=0"]
@@ -24,6 +28,14 @@ def test_moving_digits_trains_and_evaluates(tmp_path):
     assert result["top1"] == top1 and result["step"] == 4 and 0 <= top1 <= 100
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["model"]["token_roi"].shape == (4 * 2, 6)  # tubes
+    # visualize.py on the video checkpoint: one PNG per clip, a row per sampling step, a column per frame
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        vis = compose(config_name="visualize", overrides=[f"checkpoint={tmp_path / 'checkpoints' / 'last.pt'}",
+                                                          "num_images=2", f"out={tmp_path / 'tubes.png'}"])
+    paths = visualize.visualize(vis)
+    assert [p.name for p in paths] == ["tubes_clip0.png", "tubes_clip1.png"]
+    img = np.asarray(Image.open(paths[0]))
+    assert img.shape[1] > img.shape[0] and img.std() > 10  # 4 frames wide
 
 
 def test_frame_blind_baseline_trains_on_the_same_task(tmp_path):
