@@ -1,4 +1,5 @@
-"""SparseFormer v1 (T/S/B and a CPU-sized nano), DeiT baselines, the authors' checkpoint converter
+"""SparseFormer v1 (T/S/B and a CPU-sized nano), VideoSparseFormer (inflate: image -> video), DeiT and
+ViViT baselines, the authors' checkpoint converter
 (v1 and v2 layouts), released weights through the torch hub cache (hub.py) and a FLOP counter.
 `create_model(name, pretrained=False, **overrides)` is the way in."""
 from .factory import create_model, list_models
@@ -10,6 +11,7 @@ from .sparseformer import (
     export_official_state_dict,
     load_official_checkpoint,
 )
+from .video import VideoSparseFormer, inflate
 
 __all__ = [
     "create_model",
@@ -20,4 +22,6 @@ __all__ = [
     "convert_official_state_dict",
     "export_official_state_dict",
     "load_official_checkpoint",
+    "VideoSparseFormer",
+    "inflate",
 ]
