@@ -51,7 +51,7 @@ class AViT(DeiT):
         self.gate_scale, self.gate_center, self.eps = gate_scale, gate_center, eps
         self.ponder_weight, self.distr_weight, self.target_depth = ponder_weight, distr_weight, target_depth
         self._aux: Tensor | None = None
-        self.last_depths: Tensor | None = None
+        self.last_depths = self.last_ponder = self.last_kl = None
 
     def halting(self, x: Tensor, layer: int) -> Tensor:
         """h (B, T) of block `layer`'s output x (B, T, d): Eq. 3, and 1 at the last block."""
@@ -136,6 +136,10 @@ class AViT(DeiT):
             x = x.gather(1, order[..., None].expand(-1, -1, d))
             cum, remainder, valid, pos = (t.gather(1, order) for t in (cum, remainder, going, pos))
         return self.head(self.norm(out))
+
+    def __getstate__(self):  # copies (EMA, pickling) drop the last forward's graph
+        state = super().__getstate__()
+        return {**state, "_aux": None, "last_depths": None, "last_ponder": None, "last_kl": None}
 
     def auxiliary_loss(self) -> Tensor:
         """The ponder + distributional-prior loss of the last training forward (train.py adds it)."""
