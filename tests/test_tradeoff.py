@@ -51,10 +51,8 @@ def test_tradeoff_trains_on_one_budget_and_writes_chart(tmp_path):
                         ("cnn", "cnn_small"), ("deit+ToMe", "r=2"), ("deit+ToMe", "r=4")]
     for key in ("sparseformer_nano", "deit", "avit", "cnn"):
         result = json.loads((run_dir / "train" / key / "result.json").read_text())
-        cfg = json.loads(json.dumps(result))
-        assert cfg["step"] >= 1
         # the budget stopped the run, not the 50 epochs (4 steps each)
-        assert result["step"] < 50 * 4
+        assert 1 <= result["step"] < 50 * 4
     for r in rows:
         assert 0 <= r["top1"] <= 100 and r["throughput_img_s"] > 0 and r["latency_ms"] > 0
         assert r["train_cpu_s"] > 1.5  # the process tree used at least the training budget
