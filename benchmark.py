@@ -6,6 +6,8 @@
     python benchmark.py accuracy_file=acc.csv    # + accuracy-vs-throughput plot (CSV columns model,top1)
     python benchmark.py mode=kernels             # kernel micro-benchmarks (kernels/benchmark.py)
     python benchmark.py mode=memory              # activation memory and step time of the memory options
+    python benchmark.py mode=tradeoff            # train SparseFormer-nano, DeiT, A-ViT, a CNN on one CPU budget;
+                                                 # top-1 vs throughput with ToMe (training/tradeoff.py)
 
 Every point (model, tokens, resolution, mode) reports: throughput (img/s at sweep.batch_size, median
 of sweep.repeats timed calls after warm-up), batch-1 latency (median), peak memory, parameters and
@@ -689,8 +691,12 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> list[dict]:
         return run_kernels(cfg, device, run_dir)
     if cfg.mode == "memory":
         return run_memory(cfg, device, run_dir)
+    if cfg.mode == "tradeoff":
+        from training.tradeoff import run_tradeoff
+
+        return run_tradeoff(cfg, run_dir, machine_info(device))
     if cfg.mode != "sweep":
-        raise ValueError(f"mode must be sweep, kernels or memory, got {cfg.mode!r}")
+        raise ValueError(f"mode must be sweep, kernels, memory or tradeoff, got {cfg.mode!r}")
     accuracy = read_accuracy_file(cfg.accuracy_file) if cfg.accuracy_file else None
     started = time.perf_counter()
     rows = run_sweep(cfg, device, progress=progress)

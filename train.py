@@ -148,6 +148,8 @@ class Run:
     roi_images: torch.Tensor | None
     start_time: float
     train_skipped: int = 0
+    cpu_start: float = 0.0  # time.process_time() at setup (trainer.cpu_budget_s)
+    budget_spent: float = 0.0  # fraction of trainer.cpu_budget_s used (measure_budget)
     result: dict | None = None
 
     @property
@@ -157,7 +159,17 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return self.state.step >= self.max_steps or self.state.epoch >= self.cfg.trainer.epochs
+        tr = self.cfg.trainer
+        return self.state.step >= self.max_steps or self.state.epoch >= tr.epochs or self.budget_spent >= 1
+
+    def measure_budget(self) -> None:
+        """budget_spent = the fraction of trainer.cpu_budget_s used: CPU seconds (time.process_time, all
+        threads) of the training processes since setup, summed over ranks, so a run gets the same compute
+        whatever else loads the machine; data-loader workers are not counted. One all-reduce: ranks agree."""
+        budget = self.cfg.trainer.get("cpu_budget_s")
+        if budget:
+            spent = torch.tensor([time.process_time() - self.cpu_start], dtype=torch.float64, device=self.info.device)
+            self.budget_spent = dist.all_reduce_sum(spent, self.info).item() / budget
 
     @property
     def checkpoint_path(self) -> Path:
@@ -205,7 +217,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
     state.wandb_id = logger.run_id or state.wandb_id
     log_run_summary(cfg, state, data, info, logger, flops)
     return Run(cfg, run_dir, info, precision, data, state, ddp_model, logger, pick_roi_images(cfg, data, model, info),
-               start_time)
+               start_time, cpu_start=time.process_time())
 
 
 def build_model(cfg: DictConfig, info: dist.DistInfo) -> nn.Module:
@@ -296,7 +308,8 @@ def pick_roi_images(cfg: DictConfig, data: Data, model: nn.Module, info: dist.Di
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
     """One optimizer step on a uint8 batch; returns (the detached loss, the lr it used)."""
     state, model = run.state, run.state.model
-    lr = lr_at(state.step, **state.schedule)
+    # under trainer.cpu_budget_s the schedule runs at the pace of the budget (it ends when either ends)
+    lr = lr_at(max(state.step, round(run.budget_spent * state.schedule["total_steps"])), **state.schedule)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     device = run.info.device
@@ -306,6 +319,8 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     with autocast(device, run.precision):
         logits = run.ddp_model(x)
     loss = soft_target_cross_entropy(logits, target)
+    if hasattr(model, "auxiliary_loss"):  # a model's own extra loss of this forward (A-ViT's ponder + prior)
+        loss = loss + model.auxiliary_loss()
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     if run.cfg.optim.clip_grad:
@@ -351,7 +366,8 @@ def train_one_epoch(run: Run) -> bool:
             window, t0 = torch.zeros_like(window), time.perf_counter()
         if cfg.trainer.ckpt_every_steps and state.step % cfg.trainer.ckpt_every_steps == 0:
             state.save(run.checkpoint_path, info)
-        if state.step >= run.max_steps:
+        run.measure_budget()
+        if state.step >= run.max_steps or run.budget_spent >= 1:
             break
     bar.close()
     end_of_epoch = state.batch_in_epoch >= data.steps_per_epoch

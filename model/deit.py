@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import tome
 from .sparseformer import drop_path
 
 VARIANTS: dict[str, dict] = {
@@ -16,7 +17,9 @@ VARIANTS: dict[str, dict] = {
 
 
 class Attention(nn.Module):
-    """x (B, T, d) -> (B, T, d)."""
+    """x (B, T, d) -> (B, T, d); with return_keys also the keys averaged over heads (B, T, d / heads)
+    (ToMe's matching metric). attn_mask: (B, 1, 1, T) boolean (True = attend; A-ViT's halted tokens)
+    or additive float (ToMe's log token sizes, proportional attention)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -24,10 +27,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, return_keys: bool = False):
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, d))
+        out = self.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, T, d))
+        return (out, k.mean(dim=1)) if return_keys else out
 
 
 class Block(nn.Module):
@@ -39,9 +43,18 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, dim * mlp_ratio), nn.GELU(), nn.Linear(dim * mlp_ratio, dim))
         self.drop_prob = drop_prob
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_prob, self.training)
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """x (B, T, d) -> (B, T, d); attn_mask as in Attention."""
+        x = x + drop_path(self.attn(self.norm1(x), attn_mask), self.drop_prob, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_prob, self.training)
+
+    def forward_merging(self, x: Tensor, size: Tensor, r: int) -> tuple[Tensor, Tensor]:
+        """ToMe's block (model/tome.py): attention with log-size logits, then r merges, then the MLP.
+        x (B, T, d), size (B, T, 1) tokens merged into each -> (B, T - r', d), (B, T - r', 1)."""
+        out, keys = self.attn(self.norm1(x), size.log().transpose(1, 2)[:, None], return_keys=True)
+        x = x + drop_path(out, self.drop_prob, self.training)
+        x, size = tome.merge_wavg(tome.bipartite_soft_matching(keys, r), x, size)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_prob, self.training), size
 
 
 class DeiT(nn.Module):
@@ -58,8 +71,14 @@ class DeiT(nn.Module):
         num_heads: int = 3,
         mlp_ratio: int = 4,
         drop_path_rate: float = 0.0,
+        tome_r: int = 0,
     ):
+        """tome_r: ToMe's merges per block (model/tome.py; 0 = plain DeiT); a setting, not a weight,
+        so a trained DeiT runs with any r."""
         super().__init__()
+        if not isinstance(tome_r, int) or tome_r < 0:
+            raise ValueError(f"DeiT: tome_r={tome_r!r} must be a non-negative integer (0 = no token merging)")
+        self.tome_r = tome_r
         if img_size % patch_size:
             raise ValueError(f"DeiT: img_size={img_size} must be a multiple of patch_size={patch_size}")
         if embed_dim % num_heads:
@@ -99,10 +118,19 @@ class DeiT(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"DeiT expects floating-point images, got {x.dtype}")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def embed(self, x: Tensor) -> Tensor:
+        """images (B, C, H, W) -> tokens (B, 1 + T, d), the class token first."""
         self.check_input(x)
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, T, d)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.embed(x)
+        if self.tome_r:
+            size = x.new_ones(x.shape[0], x.shape[1], 1)
+            for block in self.blocks:
+                x, size = block.forward_merging(x, size, self.tome_r)
+        else:
+            for block in self.blocks:
+                x = block(x)
         return self.head(self.norm(x)[:, 0])

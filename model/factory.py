@@ -5,12 +5,14 @@ import inspect
 
 import torch.nn as nn
 
-from . import deit, framewise, hub, sparseformer, video, vivit
+from . import avit, cnn, deit, framewise, hub, sparseformer, video, vivit
 
 _REGISTRY: dict[str, tuple[type, dict]] = {
     **{name: (sparseformer.SparseFormer, cfg) for name, cfg in sparseformer.VARIANTS.items()},
     **{name: (video.VideoSparseFormer, cfg) for name, cfg in video.VARIANTS.items()},
     **{name: (deit.DeiT, cfg) for name, cfg in deit.VARIANTS.items()},
+    **{name: (avit.AViT, cfg) for name, cfg in avit.VARIANTS.items()},
+    **{name: (cnn.SmallCNN, cfg) for name, cfg in cnn.VARIANTS.items()},
     **{name: (vivit.ViViT, cfg) for name, cfg in vivit.VARIANTS.items()},
     **{name: (framewise.FrameAveraged, cfg) for name, cfg in framewise.VARIANTS.items()},
 }
@@ -20,6 +22,7 @@ _PRETRAINED: dict[type, hub.PretrainedCfg] = {
     sparseformer.SparseFormer: hub.PretrainedCfg("head.classifier", "stem.conv1", sparseformer.checkpoint_filter_fn,
                                                  sparseformer.RELEASED_WEIGHTS),
     deit.DeiT: hub.PretrainedCfg("head", "patch_embed"),
+    avit.AViT: hub.PretrainedCfg("head", "patch_embed"),
 }
 
 
@@ -70,7 +73,10 @@ def create_model(name: str, pretrained=False, **overrides) -> nn.Module:
     focusing_repeats, num_heads, mlp_ratio, num_classes, in_chans, drop_path_rate, backend,
     fused_sample_mix, recompute_stem, checkpoint_cortex.
     DeiT keys: img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio,
-    drop_path_rate.
+    drop_path_rate, tome_r (ToMe merges per block, model/tome.py).
+    A-ViT keys (model/avit.py): the DeiT keys but tome_r, and gate_scale, gate_center, eps,
+    ponder_weight, distr_weight, target_depth.
+    SmallCNN keys (model/cnn.py): in_chans, num_classes, widths.
     """
     cls, kwargs = check_model_args(name, pretrained, **overrides)
     model = cls(**kwargs)

@@ -86,6 +86,7 @@ def validate(cfg: DictConfig) -> None:
 
     _check(cfg, "trainer.epochs", lambda v: _int(v) and v > 0, "must be a positive integer")
     _check(cfg, "trainer.max_steps", lambda v: v is None or (_int(v) and v > 0), "must be null or a positive integer")
+    _check(cfg, "trainer.cpu_budget_s", lambda v: v is None or (_num(v) and v > 0), "must be null or CPU-seconds > 0")
     _check(cfg, "trainer.ckpt_every_steps", lambda v: v is None or (_int(v) and v > 0), "must be null or > 0")
     _check(cfg, "trainer.eval_every_epochs", lambda v: _int(v) and v > 0, "must be a positive integer")
     _check(cfg, "trainer.ema_decay", lambda v: v is None or (_num(v) and 0 < v < 1), "must be null or in (0, 1)")
