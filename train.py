@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import random
-import subprocess
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -42,7 +42,7 @@ from tqdm import tqdm  # noqa: E402
 from data import Data, average_view_logits, build_data, fold_views  # noqa: E402
 from model import count_flops  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
-from training import dist  # noqa: E402
+from training import dist, lifecycle  # noqa: E402
 from training.checkpoint import TrainState  # noqa: E402
 from training.config import ConfigError, register_resolvers, resolve_hardware, validate  # noqa: E402
 from training.logger import Logger  # noqa: E402
@@ -181,12 +181,18 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
     start_time = time.perf_counter()
     validate(cfg)
     device, precision, backend = resolve_hardware(cfg.hardware)
+    if "LOCAL_RANK" in os.environ:  # a rank under torchrun: stop when torchrun dies, even by SIGKILL
+        lifecycle.die_with_parent()
     info = dist.setup(device, backend)
     if not info.is_main:  # rank 0 reports; the other ranks only warn (e.g. an undecodable file in their share)
         logging.getLogger().setLevel(logging.WARNING)
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
     run_dir = Path(dist.broadcast_object(str(run_dir), info))  # rank 0's folder for all ranks
+    if info.is_main:  # one owner per run folder; its leftovers from a killed write go
+        lifecycle.lock_run_dir(run_dir)
+        for p in lifecycle.remove_stale_temporaries(run_dir):
+            log.info("removed %s, left by an interrupted write", p)
 
     data = build_data(cfg.data, info.world_size, info.rank, cfg.seed, info.device)
     with open_dict(cfg):  # the dataset decides these; the logged config must say what was built
@@ -434,7 +440,14 @@ def launch_local_processes(cfg: DictConfig, run_dir: str, overrides: list[str]) 
            f"hardware.num_threads={threads}"]
     log.info("hardware.processes=%d: launching %d local processes of %d thread(s) each (%s)", n, n, threads,
              " ".join(cmd[1:6]))
-    returncode = subprocess.call(cmd)
+    lifecycle.lock_run_dir(run_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **lifecycle.child_lock_env(run_dir)}
+    returncode = lifecycle.run_child(cmd, env)
+    if returncode in (-signal.SIGINT, -signal.SIGTERM):
+        last = ckpt.find_last(Path(run_dir))
+        step = ckpt.load(last).get("step", "?") if last else 0
+        raise SystemExit(f"interrupted at step {step}; resume with: python train.py {' '.join(keep)} "
+                         f"run_dir={Path(run_dir).resolve()} trainer.resume=auto")
     if returncode:
         raise SystemExit(f"the {n} training processes failed (exit code {returncode}); see {run_dir}/train.log")
     result = Path(run_dir) / "result.json"
