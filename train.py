@@ -456,13 +456,19 @@ def launch_local_processes(cfg: DictConfig, run_dir: str, overrides: list[str]) 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    overrides = HydraConfig.get().overrides.task
     try:
         validate(cfg)
+        resolve_hardware(cfg.hardware)  # the device exists, checked before any process is launched
     except ConfigError as e:  # one line that names the key and the reason, no traceback
         raise SystemExit(f"config error: {e}") from None
+    if cfg.trainer.resume == "auto" and not any(o.startswith("run_dir=") for o in overrides) \
+            and "RANK" not in os.environ:  # a new folder never has a checkpoint: say which run to continue
+        raise SystemExit("config error: trainer.resume=auto continues the run in run_dir=; add "
+                         "run_dir=<the run folder to continue> (printed in the first line of its train.log)")
     run_dir = HydraConfig.get().runtime.output_dir
     if launches_processes(cfg):
-        return launch_local_processes(cfg, run_dir, HydraConfig.get().overrides.task)
+        return launch_local_processes(cfg, run_dir, overrides)
     return train(cfg, run_dir)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train_helpers import FAST, REPO, TINY_MNIST, TINY_MODEL
+from tests.train_helpers import FAST, REPO, TINY_MNIST, TINY_MODEL, run_train
 from training import lifecycle
 
 
@@ -107,3 +107,21 @@ def test_stale_temporaries_are_removed(tmp_path):
     keep.write_bytes(b"x")
     assert lifecycle.remove_stale_temporaries(tmp_path) == [stale]
     assert not stale.exists() and keep.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_on_a_cpu_machine_is_one_line_before_any_process(tmp_path):
+    res = run_train([*TINY_MODEL, *TINY_MNIST, "hardware=gpu", "hardware.processes=2"], cwd=tmp_path, timeout=120)
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("config error: hardware.device=cuda but this machine has no usable CUDA device"), \
+        res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "torch.distributed" not in res.stderr + res.stdout
+
+
+def test_resume_auto_without_run_dir_is_an_error(tmp_path):
+    res = run_train([*TINY_MODEL, *TINY_MNIST, *FAST, "trainer.resume=auto"], cwd=tmp_path, timeout=120)
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1].startswith("config error: trainer.resume=auto continues the run in "
+                                                          "run_dir="), res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
