@@ -446,8 +446,8 @@ def launch_local_processes(cfg: DictConfig, run_dir: str, overrides: list[str]) 
     if returncode in (-signal.SIGINT, -signal.SIGTERM):
         last = ckpt.find_last(Path(run_dir))
         step = ckpt.load(last).get("step", "?") if last else 0
-        raise SystemExit(f"interrupted at step {step} (the last checkpoint); resume with: python train.py {' '.join(keep)} "
-                         f"run_dir={Path(run_dir).resolve()} trainer.resume=auto")
+        raise SystemExit(f"interrupted at step {step} (the last checkpoint); resume with: python train.py "
+                         f"{' '.join(keep)} run_dir={Path(run_dir).resolve()} trainer.resume=auto")
     if returncode:
         raise SystemExit(f"the {n} training processes failed (exit code {returncode}); see {run_dir}/train.log")
     result = Path(run_dir) / "result.json"
