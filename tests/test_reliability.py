@@ -125,3 +125,15 @@ def test_resume_auto_without_run_dir_is_an_error(tmp_path):
     assert res.stderr.strip().splitlines()[-1].startswith("config error: trainer.resume=auto continues the run in "
                                                           "run_dir="), res.stderr[-2000:]
     assert "Traceback" not in res.stderr
+
+
+def test_empty_class_folder_is_reported(tmp_path, caplog):
+    from data.imagenet import find_samples
+    from tests.train_helpers import make_fake_imagenet
+
+    make_fake_imagenet(tmp_path, corrupt=False)
+    (tmp_path / "train" / "n09999999").mkdir()
+    with caplog.at_level("WARNING"):
+        samples, classes = find_samples(tmp_path / "train")
+    assert "n09999999" in classes and len(samples) == 8
+    assert "1 class folder(s) under" in caplog.text and "n09999999" in caplog.text
