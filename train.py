@@ -335,9 +335,11 @@ def train_one_epoch(run: Run) -> bool:
                disable=not info.is_main, mininterval=2.0, dynamic_ncols=True)
     # loss sum, steps, images since the last log line, kept on the device: no host sync per step
     window, t0 = torch.zeros(3, dtype=torch.float64, device=info.device), time.perf_counter()
+    epoch_skipped = 0
     for x, y, skipped in data.train_loader:
         state.batch_in_epoch += 1
-        run.train_skipped += skipped
+        epoch_skipped += skipped  # an epoch reads each file once: its count is the number of bad files
+        run.train_skipped = max(run.train_skipped, epoch_skipped)
         bar.update(1)
         if x is None:  # every file of the batch was undecodable
             continue
