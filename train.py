@@ -195,6 +195,9 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
             log.info("removed %s, left by an interrupted write", p)
 
     data = build_data(cfg.data, info.world_size, info.rank, cfg.seed, info.device)
+    if data.steps_per_epoch == 0 and not cfg.trainer.eval_only:  # else 0 steps, no checkpoint and exit 0
+        raise SystemExit(f"{len(data.train_set)} training images ({data.train_sampler.num_samples} per process) "
+                         f"< batch size {cfg.data.batch_size}: lower data.batch_size")
     with open_dict(cfg):  # the dataset decides these; the logged config must say what was built
         cfg.model.update(data.spec.model_kwargs())
     if info.is_main:
@@ -363,6 +366,9 @@ def train_one_epoch(run: Run) -> bool:
             break
     bar.close()
     end_of_epoch = state.batch_in_epoch >= data.steps_per_epoch
+    if end_of_epoch and epoch_skipped and epoch_skipped == len(data.train_set) // info.world_size:
+        raise SystemExit(f"no decodable training file under {cfg.data.get('root') or cfg.data._target_}: "
+                         f"all {epoch_skipped} files of an epoch were skipped (see the warnings above)")
     if end_of_epoch:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     state.save(run.checkpoint_path, info)

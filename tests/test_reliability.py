@@ -3,6 +3,7 @@ torchrun with hardware.processes=2) leaves no process of the run alive and nothi
 a second run in a live run's folder refuses; stale temporary files go on start."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train_helpers import FAST, REPO, TINY_MNIST, TINY_MODEL, run_train
+from tests.train_helpers import FAST, REPO, TINY_MNIST, TINY_MODEL, compose_cfg, make_fake_imagenet, run_train
 from training import lifecycle
 
 
@@ -77,7 +78,7 @@ def test_killing_the_launcher_leaves_no_process_and_no_writes(tmp_path, sig):
             assert "interrupted at step" in out and "trainer.resume=auto" in out, out[-2000:]
     finally:
         for pid in tagged_pids(tag):
-            with __import__("contextlib").suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
@@ -129,7 +130,6 @@ def test_resume_auto_without_run_dir_is_an_error(tmp_path):
 
 def test_empty_class_folder_is_reported(tmp_path, caplog):
     from data.imagenet import find_samples
-    from tests.train_helpers import make_fake_imagenet
 
     make_fake_imagenet(tmp_path, corrupt=False)
     (tmp_path / "train" / "n09999999").mkdir()
@@ -137,3 +137,31 @@ def test_empty_class_folder_is_reported(tmp_path, caplog):
         samples, classes = find_samples(tmp_path / "train")
     assert "n09999999" in classes and len(samples) == 8
     assert "1 class folder(s) under" in caplog.text and "n09999999" in caplog.text
+
+
+def test_train_split_smaller_than_a_batch_is_one_line(tmp_path):
+    import train as train_script
+
+    root = make_fake_imagenet(tmp_path / "im", corrupt=False)
+    cfg = compose_cfg(["data=imagenet", f"data.root={root}", "data.image_size=32", "data.batch_size=64",
+                       "data.num_workers=0", "data.augment.repeats=1", *TINY_MODEL, *FAST, "logger.mode=disabled",
+                       f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit, match="8 training images .* < batch size 64: lower data.batch_size"):
+        train_script.train(cfg, tmp_path / "run")
+
+
+def test_all_undecodable_images_stop_the_run(tmp_path):
+    import train as train_script
+
+    root = tmp_path / "im"
+    for split in ("train", "val"):
+        for c in ("n01", "n02"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(3):
+                (root / split / c / f"{i}.JPEG").write_bytes(b"not a jpeg")
+    cfg = compose_cfg(["data=imagenet", f"data.root={root}", "data.image_size=32", "data.batch_size=2",
+                       "data.num_workers=0", "data.augment.repeats=1", *TINY_MODEL, *FAST, "logger.mode=disabled",
+                       "logger.num_roi_images=0", f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit, match=f"no decodable training file under {root}: all 6 files"):
+        train_script.train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "result.json").exists()
