@@ -19,7 +19,7 @@ from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LOCK_ENV = "SPARSEFORMER_RUN_LOCK"  # set by the launching process: its children run under its lock
-_held: list = []  # open lock files, kept for the life of the process
+_held: dict = {}  # run folder -> its open lock file, kept for the life of the process
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -61,8 +61,9 @@ def run_child(cmd: list[str], env: dict) -> int:
 def lock_run_dir(run_dir: str | Path) -> None:
     """Own `run_dir` for the life of this process (and the children started with `child_lock_env`), or
     stop with one line if another live process owns it."""
-    if os.environ.get(LOCK_ENV) == str(Path(run_dir).resolve()):
-        return  # the launching process holds it for us
+    key = str(Path(run_dir).resolve())
+    if os.environ.get(LOCK_ENV) == key or key in _held:
+        return  # the launching process holds it for us, or this one already does (train() run twice)
     path = Path(run_dir) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")
@@ -78,7 +79,7 @@ def lock_run_dir(run_dir: str | Path) -> None:
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
-    _held.append(f)
+    _held[key] = f
 
 
 def child_lock_env(run_dir: str | Path) -> dict:
