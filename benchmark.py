@@ -680,6 +680,10 @@ def keep_freed_memory() -> bool:
         return False
 
 
+class SweepConfigError(ValueError):
+    """A sweep setting that cannot give a measurement."""
+
+
 def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> list[dict]:
     """The whole benchmark into run_dir; returns the result rows."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -689,6 +693,10 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> list[dict]:
     malloc_tuned = device.type == "cpu" and cfg.keep_freed_memory and keep_freed_memory()
     if cfg.mode == "kernels":
         return run_kernels(cfg, device, run_dir)
+    for key in ("batch_size", "repeats"):  # 0 would time nothing: a throughput of 0.00 or a median of nothing
+        value = cfg.sweep[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SweepConfigError(f"sweep.{key} must be a positive integer, got {value!r}")
     if cfg.mode == "memory":
         return run_memory(cfg, device, run_dir)
     if cfg.mode == "tradeoff":
@@ -727,7 +735,10 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> list[dict]:
 
 @hydra.main(config_path="conf", config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except SweepConfigError as e:  # a bad setting: one line, no traceback
+        raise SystemExit(f"config error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import random
-import subprocess
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -42,7 +42,7 @@ from tqdm import tqdm  # noqa: E402
 from data import Data, average_view_logits, build_data, fold_views  # noqa: E402
 from model import count_flops  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
-from training import dist  # noqa: E402
+from training import dist, lifecycle  # noqa: E402
 from training.checkpoint import TrainState  # noqa: E402
 from training.config import ConfigError, register_resolvers, resolve_hardware, validate  # noqa: E402
 from training.logger import Logger  # noqa: E402
@@ -193,14 +193,23 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
     start_time = time.perf_counter()
     validate(cfg)
     device, precision, backend = resolve_hardware(cfg.hardware)
+    if "LOCAL_RANK" in os.environ:  # a rank under torchrun: stop when torchrun dies, even by SIGKILL
+        lifecycle.die_with_parent()
     info = dist.setup(device, backend)
     if not info.is_main:  # rank 0 reports; the other ranks only warn (e.g. an undecodable file in their share)
         logging.getLogger().setLevel(logging.WARNING)
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
     run_dir = Path(dist.broadcast_object(str(run_dir), info))  # rank 0's folder for all ranks
+    if info.is_main:  # one owner per run folder; its leftovers from a killed write go
+        lifecycle.lock_run_dir(run_dir)
+        for p in lifecycle.remove_stale_temporaries(run_dir):
+            log.info("removed %s, left by an interrupted write", p)
 
     data = build_data(cfg.data, info.world_size, info.rank, cfg.seed, info.device)
+    if data.steps_per_epoch == 0 and not cfg.trainer.eval_only:  # else 0 steps, no checkpoint and exit 0
+        raise SystemExit(f"{len(data.train_set)} training images ({data.train_sampler.num_samples} per process) "
+                         f"< batch size {cfg.data.batch_size}: lower data.batch_size")
     with open_dict(cfg):  # the dataset decides these; the logged config must say what was built
         cfg.model.update(data.spec.model_kwargs())
     if info.is_main:
@@ -344,9 +353,11 @@ def train_one_epoch(run: Run) -> bool:
                disable=not info.is_main, mininterval=2.0, dynamic_ncols=True)
     # loss sum, steps, images since the last log line, kept on the device: no host sync per step
     window, t0 = torch.zeros(3, dtype=torch.float64, device=info.device), time.perf_counter()
+    epoch_skipped = 0
     for x, y, skipped in data.train_loader:
         state.batch_in_epoch += 1
-        run.train_skipped += skipped
+        epoch_skipped += skipped  # an epoch reads each file once: its count is the number of bad files
+        run.train_skipped = max(run.train_skipped, epoch_skipped)
         bar.update(1)
         if x is None:  # every file of the batch was undecodable
             continue
@@ -371,6 +382,9 @@ def train_one_epoch(run: Run) -> bool:
             break
     bar.close()
     end_of_epoch = state.batch_in_epoch >= data.steps_per_epoch
+    if end_of_epoch and epoch_skipped and epoch_skipped == len(data.train_set) // info.world_size:
+        raise SystemExit(f"no decodable training file under {cfg.data.get('root') or cfg.data._target_}: "
+                         f"all {epoch_skipped} files of an epoch were skipped (see the warnings above)")
     if end_of_epoch:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     state.save(run.checkpoint_path, info)
@@ -450,7 +464,14 @@ def launch_local_processes(cfg: DictConfig, run_dir: str, overrides: list[str]) 
            f"hardware.num_threads={threads}"]
     log.info("hardware.processes=%d: launching %d local processes of %d thread(s) each (%s)", n, n, threads,
              " ".join(cmd[1:6]))
-    returncode = subprocess.call(cmd)
+    lifecycle.lock_run_dir(run_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **lifecycle.child_lock_env(run_dir)}
+    returncode = lifecycle.run_child(cmd, env)
+    if returncode in (-signal.SIGINT, -signal.SIGTERM):
+        last = ckpt.find_last(Path(run_dir))
+        step = ckpt.load(last).get("step", "?") if last else 0
+        raise SystemExit(f"interrupted at step {step} (the last checkpoint); resume with: python train.py "
+                         f"{' '.join(keep)} run_dir={Path(run_dir).resolve()} trainer.resume=auto")
     if returncode:
         raise SystemExit(f"the {n} training processes failed (exit code {returncode}); see {run_dir}/train.log")
     result = Path(run_dir) / "result.json"
@@ -459,13 +480,19 @@ def launch_local_processes(cfg: DictConfig, run_dir: str, overrides: list[str]) 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    overrides = HydraConfig.get().overrides.task
     try:
         validate(cfg)
+        resolve_hardware(cfg.hardware)  # the device exists, checked before any process is launched
     except ConfigError as e:  # one line that names the key and the reason, no traceback
         raise SystemExit(f"config error: {e}") from None
+    if cfg.trainer.resume == "auto" and not any(o.startswith("run_dir=") for o in overrides) \
+            and "RANK" not in os.environ:  # a new folder never has a checkpoint: say which run to continue
+        raise SystemExit("config error: trainer.resume=auto continues the run in run_dir=; add "
+                         "run_dir=<the run folder to continue> (printed in the first line of its train.log)")
     run_dir = HydraConfig.get().runtime.output_dir
     if launches_processes(cfg):
-        return launch_local_processes(cfg, run_dir, HydraConfig.get().overrides.task)
+        return launch_local_processes(cfg, run_dir, overrides)
     return train(cfg, run_dir)
 
 

@@ -30,6 +30,12 @@ def scan_class_folders(split_dir: Path, extensions: tuple[str, ...]) -> tuple[li
     for c, name in enumerate(classes):
         for root, _, files in sorted(os.walk(split_dir / name)):
             samples += [(os.path.join(root, f), c) for f in sorted(files) if f.lower().endswith(extensions)]
+    seen = {c for _, c in samples}
+    empty = [name for c, name in enumerate(classes) if c not in seen]
+    if empty and samples:  # a class that is never seen caps the accuracy without any other sign
+        log.warning(
+            "%d class folder(s) under %s hold no %s file: %s", len(empty), split_dir, "/".join(extensions),
+            ", ".join(empty[:10]) + (", ..." if len(empty) > 10 else ""))
     return samples, classes
 
 

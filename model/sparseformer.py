@@ -529,6 +529,11 @@ class SparseFormer(nn.Module):
             raise ValueError(f"SparseFormer expects images (B, {self.in_chans}, H, W), got {shape}")
         if not x.is_floating_point():
             raise ValueError(f"SparseFormer expects floating-point images, got {x.dtype}; convert with x.float()")
+        weight_dtype = next(self.parameters()).dtype
+        autocast_on = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cuda", "cpu") else False
+        if x.dtype != weight_dtype and not autocast_on:  # else PyTorch's raw "Input type (double) and bias type"
+            raise ValueError(f"SparseFormer's weights are {weight_dtype} but the images are {x.dtype}; convert with "
+                             f"x.to({weight_dtype}), the model with model.to({x.dtype}), or run under torch.autocast")
         if x.shape[1] != self.in_chans:
             raise ValueError(
                 f"SparseFormer was built for {self.in_chans} input channels, got {x.shape[1]} "

@@ -191,3 +191,10 @@ def test_video_points_run_side_by_side(tmp_path):
     summary = (tmp_path / "summary.txt").read_text()
     assert "videosparseformer_nano (32 tokens) / vivit_nano" in summary
     assert (tmp_path / "throughput_vs_frames.png").exists()
+
+
+@pytest.mark.parametrize("key", ["batch_size", "repeats"])
+def test_zero_batch_size_or_repeats_is_a_clear_error(tmp_path, key):
+    with pytest.raises(benchmark.SweepConfigError, match=f"sweep.{key} must be a positive integer, got 0"):
+        benchmark.run(config(f"sweep.{key}=0"), tmp_path, progress=False)
+    assert not list(tmp_path.glob("*.csv"))

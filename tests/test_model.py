@@ -74,12 +74,21 @@ def test_float64_and_backward_run():
         (torch.randn(1, 1, 32, 32), "built for 3 input channels, got 1"),
         (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "floating-point"),
         (torch.randn(1, 3, 4, 32), "at least 8x8"),
+        (torch.randn(1, 3, 32, 32, dtype=torch.float64), r"weights are torch.float32 but the images are torch.float64"),
+        (torch.randn(1, 3, 32, 32).half(), r"images are torch.float16; convert with x.to\(torch.float32\)"),
+        (torch.randn(1, 3, 32, 32).bfloat16(), "images are torch.bfloat16"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(x, match):
     m = model.create_model("sparseformer_nano", **TINY)
     with pytest.raises(ValueError, match=match):
         m(x)
+
+
+def test_bf16_input_runs_under_autocast():
+    m = model.create_model("sparseformer_nano", **TINY)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(m(torch.randn(1, 3, 24, 24).bfloat16()).float()).all()
 
 
 @pytest.mark.parametrize(

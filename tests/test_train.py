@@ -194,8 +194,8 @@ def test_imagenet_path_skips_and_counts_the_corrupt_file(tmp_path, caplog):
     run_dir = tmp_path / "run"
     cfg = compose_cfg(["data=imagenet", f"data.root={root}", "data.image_size=32", "data.batch_size=3",
                        "data.eval_batch_size=4", "data.num_workers=0", "data.augment.repeats=1", *TINY_MODEL,
-                       *FAST, "trainer.epochs=1", f"run_dir={run_dir}", "logger.num_roi_images=0"])
-    with caplog.at_level("WARNING"):
+                       *FAST, "trainer.epochs=2", f"run_dir={run_dir}", "logger.num_roi_images=0"])
+    with caplog.at_level("WARNING"):  # 2 epochs: the broken file is counted once, not once per epoch
         train_script.train(cfg, run_dir)
     metrics = read_metrics(run_dir)
     assert [m for m in metrics if "val/top1" in m][-1]["val/skipped_files"] == 1

@@ -64,6 +64,12 @@ def resolve_hardware(hw) -> tuple[str, str, str]:
     import torch
 
     device = hw.device if hw.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():  # before any process is launched
+        raise ConfigError("hardware.device=cuda but this machine has no usable CUDA device "
+                          "(torch.cuda.is_available() is False); use hardware=cpu")
+    if device == "cuda" and hw.processes > torch.cuda.device_count():
+        raise ConfigError(f"hardware.processes={hw.processes} but only {torch.cuda.device_count()} CUDA device(s) "
+                          "are visible; lower hardware.processes")
     precision = hw.precision
     if precision == "auto":
         precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
