@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import urllib.parse
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,12 +99,31 @@ def resolve(source, name: str, cfg: PretrainedCfg, progress: bool = True) -> Pat
 
 
 def read_checkpoint(path) -> object:
-    """torch.load, weights-only; one line naming the file when it holds more than weights."""
+    """torch.load, weights-only (a checkpoint can never run code here); a file that is not one gets
+    one line naming it and saying what it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            raise ValueError(f"{path}: holds pickled Python objects ({found.group(1)}), not only tensors, so "
+                             "loading it could run code from the file; save a state dict (model.state_dict()) "
+                             "instead, or load it yourself with weights_only=False if you trust its source") from None
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip format nor a "
+                             "pickle)") from None
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
         raise ValueError(f"{path}: not a weights-only checkpoint ({first})") from None
+    except Exception as e:  # torch.load's errors for foreign and damaged files (IndexError, RuntimeError, EOFError)
+        if zipfile.is_zipfile(path) or "central directory" in str(e) or isinstance(e, EOFError):
+            raise ValueError(f"{path}: truncated or corrupt checkpoint ({path.stat().st_size} bytes; its archive "
+                             "is incomplete); write or download it again") from None
+        raise ValueError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip format nor a pickle: "
+                         f"{type(e).__name__})") from None
 
 
 def find_state_dict(obj, use_ema: bool = False) -> tuple[dict, dict | None]:

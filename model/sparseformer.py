@@ -820,9 +820,30 @@ def load_official_checkpoint(
         overrides: extra keyword arguments for the model (e.g. backend, drop_path_rate).
     """
     obj = path_or_state_dict
+    source = "state dict" if isinstance(obj, dict) else str(obj)
     if not isinstance(obj, dict):
         obj = read_checkpoint(obj)
+    if isinstance(obj, dict) and {"model", "step", "config"} <= set(obj) and isinstance(obj["config"], dict):
+        return _load_train_checkpoint(obj, use_ema, overrides)  # our own train.py checkpoint: just load it
     state, stored_config = find_state_dict(obj, use_ema)
+    try:
+        return _load_official_state(state, stored_config, config, overrides)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _load_train_checkpoint(obj: dict, use_ema: bool, overrides: dict) -> nn.Module:
+    """The model of a train.py checkpoint, built from the config stored in it (training/checkpoint.py)."""
+    from .factory import create_model
+
+    cfg = {k: v for k, v in obj["config"].get("model", {}).items() if k not in ("_target_", "pretrained")}
+    model = create_model(**cfg, **overrides)
+    weights = obj["ema"]["module"] if use_ema and isinstance(obj.get("ema"), dict) and "module" in obj["ema"] else None
+    model.load_state_dict(weights if weights is not None else obj["model"])
+    return model
+
+
+def _load_official_state(state: dict, stored_config, config, overrides: dict) -> SparseFormer:
     config = stored_config if config is None else config
     if isinstance(config, str) and config not in VARIANTS:
         raise ValueError(f"unknown SparseFormer variant {config!r}; known: {sorted(VARIANTS)}")
