@@ -41,6 +41,7 @@ from tqdm import tqdm  # noqa: E402
 
 from data import Data, average_view_logits, build_data, fold_views  # noqa: E402
 from model import count_flops  # noqa: E402
+from model.hub import read_checkpoint  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
 from training import dist, lifecycle  # noqa: E402
 from training.checkpoint import TrainState  # noqa: E402
@@ -210,6 +211,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
     if data.steps_per_epoch == 0 and not cfg.trainer.eval_only:  # else 0 steps, no checkpoint and exit 0
         raise SystemExit(f"{len(data.train_set)} training images ({data.train_sampler.num_samples} per process) "
                          f"< batch size {cfg.data.batch_size}: lower data.batch_size")
+    use_checkpoint_model(cfg, run_dir, info)
     with open_dict(cfg):  # the dataset decides these; the logged config must say what was built
         cfg.model.update(data.spec.model_kwargs())
     if info.is_main:
@@ -227,6 +229,25 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
     log_run_summary(cfg, state, data, info, logger, flops)
     return Run(cfg, run_dir, info, precision, data, state, ddp_model, logger, pick_roi_images(cfg, data, model, info),
                start_time, cpu_start=time.process_time())
+
+
+def use_checkpoint_model(cfg: DictConfig, run_dir: Path, info: dist.DistInfo) -> None:
+    """Eval-only from one of our checkpoints: evaluate the model it was trained as (its stored config),
+    not the command line's."""
+    tr = cfg.trainer
+    if not (tr.eval_only and tr.resume):
+        return
+    path = ckpt.find_last(run_dir) if tr.resume == "auto" else Path(tr.resume)
+    if path is None:
+        return
+    stored = read_checkpoint(path).get("config", {}).get("model")
+    if not stored:
+        return
+    stored = {**stored, "pretrained": False}  # the weights come from the checkpoint
+    if stored != OmegaConf.to_container(cfg.model, resolve=True) and info.is_main:
+        log.info("trainer.eval_only: evaluating the model stored in %s (%s), not model=%s", path, stored.get("name"),
+                 cfg.model.get("name"))
+    cfg.model = OmegaConf.create(stored)
 
 
 def build_model(cfg: DictConfig, info: dist.DistInfo) -> nn.Module:
