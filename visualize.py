@@ -7,10 +7,12 @@ model, each token's tube and points over the frames of each clip (one PNG per cl
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from data import builder_from_config
@@ -22,8 +24,34 @@ from training.config import ConfigError, register_resolvers
 from training.optim import EMA
 from training.visualize import draw_sampling, draw_tubes, plt
 
-register_resolvers()
 log = logging.getLogger("visualize")
+
+
+def log_dir_resolver(checkpoint) -> str:
+    """hydra.run.dir of visualize.py: the run folder of a train.py checkpoint (<run>/checkpoints/last.pt),
+    else the checkpoint's folder; visualize.log goes there. A path that does not exist gets a temporary
+    folder, so a mistyped checkpoint leaves no empty folder behind."""
+    parent = Path(str(checkpoint)).parent
+    if not parent.is_dir():
+        return tempfile.gettempdir()
+    return str(parent.parent if parent.name == "checkpoints" else parent)
+
+
+register_resolvers()
+if not OmegaConf.has_resolver("sparseformer_visualize_dir"):
+    OmegaConf.register_new_resolver("sparseformer_visualize_dir", log_dir_resolver)
+
+
+def check(cfg: DictConfig, overrides: list[str]) -> None:
+    """visualize.py reads checkpoint, num_images, use_ema, out, seed and (for the authors' weights) data:
+    a key added with `+` elsewhere would be silently ignored, so it is an error."""
+    unread = [o for o in overrides if o.startswith("+") and not o.startswith(("+data.", "++data."))]
+    if unread:
+        raise ConfigError(f"{unread[0]}: visualize.py reads no such key (the model comes from the checkpoint); "
+                          "remove it")
+    n = cfg.num_images
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"num_images={n!r}: must be a positive integer")
 
 
 def load_model(cfg: DictConfig):
@@ -83,7 +111,11 @@ def visualize(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(config_path="conf", config_name="visualize", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    visualize(cfg)
+    try:
+        check(cfg, list(HydraConfig.get().overrides.task))
+        visualize(cfg)
+    except (ConfigError, ValueError) as e:  # one line that says what is wrong, no traceback
+        raise SystemExit(f"config error: {e}") from None
 
 
 if __name__ == "__main__":
