@@ -3,7 +3,6 @@ ViViT baselines, the authors' checkpoint converter
 (v1 and v2 layouts), released weights through the torch hub cache (hub.py) and a FLOP counter.
 `create_model(name, pretrained=False, **overrides)` is the way in."""
 from .factory import create_model, list_models
-from .flops import count_flops
 from .sparseformer import (
     SparseFormer,
     SparseFormerOutput,
@@ -12,6 +11,14 @@ from .sparseformer import (
     load_official_checkpoint,
 )
 from .video import VideoSparseFormer, inflate
+
+
+def count_flops(*args, **kwargs):
+    """model.flops.count_flops (imported on first use, so `python -m model.flops` runs without runpy's
+    'found in sys.modules' warning)."""
+    from .flops import count_flops as count
+
+    return count(*args, **kwargs)
 
 __all__ = [
     "create_model",

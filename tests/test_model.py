@@ -1,5 +1,6 @@
 """SparseFormer model: variants, inputs, geometry, initialisation, FLOPs (issue: model)."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +242,12 @@ def test_triton_backend_matches_torch_backend_end_to_end():
     torch.testing.assert_close(xgrad, ref_xgrad, rtol=1e-4, atol=1e-7)
     for k, g in ref_grads.items():
         assert ((grads[k] - g).norm() / g.norm().clamp_min(1e-12)).item() <= 1e-4, k
+
+
+def test_python_m_model_flops_has_no_runpy_warning():
+    """`import model` must not import model.flops, or `python -m model.flops` warns (runpy)."""
+    import subprocess
+    import sys
+
+    code = "import sys, model; assert 'model.flops' not in sys.modules; model.count_flops"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
