@@ -101,7 +101,10 @@ def evaluate(model, loader, transform, info, precision, views: int = 1) -> dict:
     dist.all_reduce_sum(counts, info)
     elapsed = dist.broadcast_object(elapsed, info)  # rank 0's clock
     model.train(was_training)
-    n = max(counts[2].item(), 1)
+    if counts[2].item() == 0:  # same counts on every rank: all stop, none reports a top-1 of nothing
+        raise SystemExit(f"evaluation saw no decodable item ({int(counts[3].item())} files skipped as undecodable): "
+                         "check the dataset's root and files")
+    n = counts[2].item()
     return {"top1": 100 * counts[0].item() / n, "top5": 100 * counts[1].item() / n, "n": int(counts[2].item()),
             "skipped": int(counts[3].item()), "img_s": counts[2].item() / elapsed}
 
@@ -329,6 +332,9 @@ def pick_roi_images(cfg: DictConfig, data: Data, model: nn.Module, info: dist.Di
     items = (data.val_set[key] for key in data.val_loader.sampler)
     decodable = (it for it in items if it is not None)
     chosen = [it[0] for it, _ in zip(decodable, range(k), strict=False)]
+    if not chosen:  # the evaluation stops the run with the reason; no figure to draw meanwhile
+        log.warning("no decodable validation item for the RoI figure")
+        return None
     if data.spec.views > 1:  # an item holds several views: draw the first
         chosen = [views[0] for views in chosen]
     return torch.stack(chosen).to(info.device)

@@ -150,7 +150,8 @@ def test_train_split_smaller_than_a_batch_is_one_line(tmp_path):
         train_script.train(cfg, tmp_path / "run")
 
 
-def test_all_undecodable_images_stop_the_run(tmp_path):
+@pytest.mark.parametrize("roi_images", [0, 2])  # with the RoI figure on, it used to crash picking its images
+def test_all_undecodable_images_stop_the_run(tmp_path, roi_images):
     import train as train_script
 
     root = tmp_path / "im"
@@ -161,7 +162,7 @@ def test_all_undecodable_images_stop_the_run(tmp_path):
                 (root / split / c / f"{i}.JPEG").write_bytes(b"not a jpeg")
     cfg = compose_cfg(["data=imagenet", f"data.root={root}", "data.image_size=32", "data.batch_size=2",
                        "data.num_workers=0", "data.augment.repeats=1", *TINY_MODEL, *FAST, "logger.mode=disabled",
-                       "logger.num_roi_images=0", f"run_dir={tmp_path / 'run'}"])
+                       f"logger.num_roi_images={roi_images}", f"run_dir={tmp_path / 'run'}"])
     with pytest.raises(SystemExit, match=f"no decodable training file under {root}: all 6 files"):
         train_script.train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "result.json").exists()
