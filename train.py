@@ -486,19 +486,24 @@ def launch_local_processes(cfg: DictConfig, run_dir: str, overrides: list[str]) 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = cfg.hardware.num_threads or max(1, cores // n)
     keep = [o for o in overrides if not o.lstrip("+~").startswith(("run_dir=", "hardware.num_threads="))]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+    cmd = [sys.executable, "-c", lifecycle.TORCHRUN_QUIET, "--standalone", f"--nproc_per_node={n}",
            str(Path(__file__).resolve()), *keep, f"run_dir={Path(run_dir).resolve()}",
            f"hardware.num_threads={threads}"]
     log.info("hardware.processes=%d: launching %d local processes of %d thread(s) each (%s)", n, n, threads,
              " ".join(cmd[1:6]))
     lifecycle.lock_run_dir(run_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **lifecycle.child_lock_env(run_dir)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **lifecycle.child_lock_env(run_dir),
+           "SPARSEFORMER_LAUNCHED": "1"}
+    lifecycle.take_rank_failure(run_dir)  # a stale one from an earlier launch in this folder
     returncode = lifecycle.run_child(cmd, env)
+    failure = lifecycle.take_rank_failure(run_dir)
     if returncode in (-signal.SIGINT, -signal.SIGTERM):
         last = ckpt.find_last(Path(run_dir))
         step = ckpt.load(last).get("step", "?") if last else 0
         raise SystemExit(f"interrupted at step {step} (the last checkpoint); resume with: python train.py "
                          f"{' '.join(keep)} run_dir={Path(run_dir).resolve()} trainer.resume=auto")
+    if failure:
+        raise SystemExit(f"training failed: {failure} (traceback in {run_dir}/train.log)")
     if returncode:
         raise SystemExit(f"the {n} training processes failed (exit code {returncode}); see {run_dir}/train.log")
     result = Path(run_dir) / "result.json"
@@ -520,7 +525,13 @@ def main(cfg: DictConfig) -> float:
     run_dir = HydraConfig.get().runtime.output_dir
     if launches_processes(cfg):
         return launch_local_processes(cfg, run_dir, overrides)
-    return train(cfg, run_dir)
+    if os.environ.get("SPARSEFORMER_LAUNCHED") != "1":
+        return train(cfg, run_dir)
+    try:  # a rank of our own launcher: the traceback goes to train.log, one line to the launcher
+        return train(cfg, run_dir)
+    except Exception as e:
+        lifecycle.record_rank_failure(run_dir, e, int(os.environ.get("RANK", "0")))
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

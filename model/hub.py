@@ -119,7 +119,9 @@ def read_checkpoint(path) -> object:
         first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
         raise ValueError(f"{path}: not a weights-only checkpoint ({first})") from None
     except Exception as e:  # torch.load's errors for foreign and damaged files (IndexError, RuntimeError, EOFError)
-        if zipfile.is_zipfile(path) or "central directory" in str(e) or isinstance(e, EOFError):
+        with path.open("rb") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"  # torch.save's format, cut short
+        if zip_start or zipfile.is_zipfile(path) or "central directory" in str(e) or isinstance(e, EOFError):
             raise ValueError(f"{path}: truncated or corrupt checkpoint ({path.stat().st_size} bytes; its archive "
                              "is incomplete); write or download it again") from None
         raise ValueError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip format nor a pickle: "

@@ -166,3 +166,23 @@ def test_all_undecodable_images_stop_the_run(tmp_path, roi_images):
     with pytest.raises(SystemExit, match=f"no decodable training file under {root}: all 6 files"):
         train_script.train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_an_error_inside_a_rank_is_one_line_and_in_train_log(tmp_path):
+    """A truncated checkpoint to resume from, under the 2-process launcher: the user sees one line naming
+    the file and the log, once (no rank tracebacks, no torchrun dump); train.log holds the traceback."""
+    bad = tmp_path / "cut.pt"
+    bad.write_bytes(b"PK\x03\x04" + b"\0" * 2000)
+    run_dir = tmp_path / "run"
+    fast = [o for o in FAST if not o.startswith("hardware.processes")]
+    res = run_train([*TINY_MODEL, *TINY_MNIST, *fast, "hardware.processes=2", "logger.mode=disabled",
+                     f"trainer.resume={bad}", f"run_dir={run_dir}"], cwd=tmp_path, timeout=240)
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert "Traceback" not in out and "ChildFailedError" not in out, out[-3000:]
+    failed = [line for line in out.splitlines() if "training failed" in line]
+    assert len(failed) == 1 and f"{bad}: truncated or corrupt checkpoint" in failed[0], out[-3000:]
+    assert f"{run_dir}/train.log" in failed[0]
+    log_text = (run_dir / "train.log").read_text()
+    assert "Traceback" in log_text and "truncated or corrupt checkpoint" in log_text
+    assert not (run_dir / lifecycle.FAILED).exists()

@@ -51,7 +51,9 @@ def find_last(run_dir: Path) -> Path | None:
 
 def load(path: Path) -> dict:
     """A checkpoint of ours (the layout above): tensors and plain values, loaded weights-only."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    from model.hub import read_checkpoint  # one line naming the file for a damaged or foreign one
+
+    return read_checkpoint(path)
 
 
 def rng_state() -> dict:

@@ -95,3 +95,48 @@ def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
             p.unlink(missing_ok=True)
             gone.append(p)
     return gone
+
+
+FAILED = ".failed"  # in the run folder: the first failing rank's one-line reason, read by the launcher
+
+# torchrun, with its own failure report (a traceback and a table of every rank) silenced: the ranks have
+# logged their error into train.log and left one line in <run>/.failed, which the launcher prints.
+TORCHRUN_QUIET = (
+    "import logging, sys\n"
+    "from torch.distributed.run import main\n"
+    "logging.getLogger('torch.distributed.elastic').setLevel(logging.CRITICAL)\n"
+    "try:\n    main()\n"
+    "except SystemExit:\n    raise\n"
+    "except Exception:\n    sys.exit(1)\n"
+)
+
+
+def record_rank_failure(run_dir: str | Path, error: BaseException, rank: int) -> None:
+    """A rank's uncaught error: the traceback into the run's log files only (train.log; not the terminal,
+    where every rank would print it), and one line into <run>/.failed (the first rank to fail writes it)."""
+    import logging
+    import traceback
+
+    text = "".join(traceback.format_exception(error))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.stream.write(f"rank {rank} failed:\n{text}")
+            handler.flush()
+    first = (str(error).strip().splitlines() or [""])[0]
+    line = f"rank {rank}: {type(error).__name__}: {first}" if first else f"rank {rank}: {type(error).__name__}"
+    try:
+        fd = os.open(Path(run_dir) / FAILED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(line + "\n")
+
+
+def take_rank_failure(run_dir: str | Path) -> str | None:
+    """The line a failed rank left (removed once read), or None."""
+    path = Path(run_dir) / FAILED
+    if not path.is_file():
+        return None
+    line = path.read_text().strip()
+    path.unlink(missing_ok=True)
+    return line or None
