@@ -186,3 +186,24 @@ def test_an_error_inside_a_rank_is_one_line_and_in_train_log(tmp_path):
     log_text = (run_dir / "train.log").read_text()
     assert "Traceback" in log_text and "truncated or corrupt checkpoint" in log_text
     assert not (run_dir / lifecycle.FAILED).exists()
+
+
+def test_the_ranks_are_outside_the_terminals_process_group(tmp_path):
+    """Ctrl-C signals the terminal's foreground process group: only the launcher may be in it (it stops
+    torchrun with one SIGTERM), not torchrun or the ranks, which would each print a traceback."""
+    tag = uuid.uuid4().hex
+    proc, run_dir = start_run(tmp_path, tag)
+    try:
+        wait_for(lambda: len(tagged_pids(tag)) >= 4, 90, "the launcher, torchrun and 2 ranks")
+        launcher_group = os.getpgid(proc.pid)
+        others = [p for p in tagged_pids(tag) if p != proc.pid]
+        assert others and all(os.getpgid(p) != launcher_group for p in others)
+        os.killpg(launcher_group, signal.SIGINT)  # what the terminal does on Ctrl-C
+        out, _ = proc.communicate(timeout=90)
+        text = out.decode(errors="replace")
+        assert "KeyboardInterrupt" not in text and "Traceback" not in text, text[-3000:]
+        assert "interrupted at step" in text.strip().splitlines()[-1]
+    finally:
+        for pid in tagged_pids(tag):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

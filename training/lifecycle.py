@@ -36,7 +36,9 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
 def run_child(cmd: list[str], env: dict) -> int:
     """Run `cmd` to its end and return its exit code; SIGTERM/SIGINT to us go to it and are waited for.
     A child killed by one of those signals returns -signum (subprocess convention)."""
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent)
+    # its own session: a Ctrl-C in the terminal reaches only us (the terminal's foreground group), and we
+    # stop torchrun with one SIGTERM, instead of every rank printing a KeyboardInterrupt traceback
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent, start_new_session=True)
     received: list[int] = []
 
     def forward(signum, _frame):
