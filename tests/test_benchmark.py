@@ -141,7 +141,7 @@ def test_every_sweep_config_composes():
         assert benchmark.sweep_points(cfg.sweep), name
 
 
-def test_kernel_mode_runs_the_kernel_benchmarks(tmp_path):
+def test_kernel_mode_runs_the_kernel_benchmarks(tmp_path, capsys):
     cfg = config("mode=kernels", "kernels.variants=[sparseformer_t]", "kernels.dtypes=[fp32]",
                  "kernels.batch_sizes=[1]", "kernels.passes=[fwd]", "kernels.repeats=1")
     rows = benchmark.run(cfg, tmp_path, progress=False)
@@ -149,6 +149,12 @@ def test_kernel_mode_runs_the_kernel_benchmarks(tmp_path):
                                                         ("sample_and_mix", "reference")}
     assert len(read_csv(tmp_path / "kernels.csv")) == 3
     assert json.loads((tmp_path / "kernels.json").read_text())["rows"][0]["time_ms"] > 0
+    out = capsys.readouterr().out
+    assert f"written to {tmp_path}/kernels.txt" in out  # says where its files went
+    # no percent-of-floor on a CPU (the floors are a GPU's bandwidth): empty in the files, none printed
+    assert all(r["pct_of_floor"] is None and r["floor_us"] is None
+               for r in json.loads((tmp_path / "kernels.json").read_text())["rows"])
+    assert "%" not in out and "cpu: reference only" in out
 
 
 def test_training_rows_report_activation_memory(tmp_path):
