@@ -154,7 +154,6 @@ def test_kernel_mode_runs_the_kernel_benchmarks(tmp_path, capsys):
     # no percent-of-floor on a CPU (the floors are a GPU's bandwidth): empty in the files, none printed
     assert all(r["pct_of_floor"] is None and r["floor_us"] is None
                for r in json.loads((tmp_path / "kernels.json").read_text())["rows"])
-    assert "cpu: reference only" in out
 
 
 def test_training_rows_report_activation_memory(tmp_path):
