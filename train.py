@@ -525,11 +525,12 @@ def main(cfg: DictConfig) -> float:
     run_dir = HydraConfig.get().runtime.output_dir
     if launches_processes(cfg):
         return launch_local_processes(cfg, run_dir, overrides)
-    if os.environ.get("SPARSEFORMER_LAUNCHED") != "1":
-        return train(cfg, run_dir)
-    try:  # a rank of our own launcher: the traceback goes to train.log, one line to the launcher
+    try:
         return train(cfg, run_dir)
     except Exception as e:
+        if os.environ.get("SPARSEFORMER_LAUNCHED") != "1":
+            raise
+        # a rank of our own launcher: the traceback goes to train.log, one line to the launcher
         lifecycle.record_rank_failure(run_dir, e, int(os.environ.get("RANK", "0")))
         raise SystemExit(1) from None
 

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from model.hub import read_checkpoint
+
 from . import dist
 from .optim import EMA
 
@@ -51,9 +53,7 @@ def find_last(run_dir: Path) -> Path | None:
 
 def load(path: Path) -> dict:
     """A checkpoint of ours (the layout above): tensors and plain values, loaded weights-only."""
-    from model.hub import read_checkpoint  # one line naming the file for a damaged or foreign one
-
-    return read_checkpoint(path)
+    return read_checkpoint(path)  # one line naming the file for a damaged or foreign one
 
 
 def rng_state() -> dict:
