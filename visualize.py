@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from data import builder_from_config
 from data.samplers import EvalSampler
 from model import load_official_checkpoint
-from model.hub import read_checkpoint
+from model.hub import is_train_checkpoint, read_checkpoint
 from training.checkpoint import TrainState
 from training.config import ConfigError, register_resolvers
 from training.optim import EMA
@@ -61,7 +61,7 @@ def load_model(cfg: DictConfig):
     if not path.is_file():
         raise ConfigError(f"checkpoint={str(path)!r}: no such file")
     obj = read_checkpoint(path)
-    if not (isinstance(obj, dict) and {"model", "step", "config"} <= set(obj)):
+    if not is_train_checkpoint(obj):
         return load_official_checkpoint(obj).eval(), cfg.data, cfg.seed
     run_cfg = OmegaConf.create(obj["config"])
     model = hydra.utils.instantiate(run_cfg.model, pretrained=False)  # the weights come from the checkpoint

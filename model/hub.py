@@ -128,6 +128,11 @@ def read_checkpoint(path) -> object:
                          f"{type(e).__name__})") from None
 
 
+def is_train_checkpoint(obj) -> bool:
+    """A train.py checkpoint (training/checkpoint.py layout: weights beside their step and run config)."""
+    return isinstance(obj, dict) and {"model", "step", "config"} <= set(obj) and isinstance(obj["config"], dict)
+
+
 def find_state_dict(obj, use_ema: bool = False) -> tuple[dict, dict | None]:
     """(state dict, a config stored beside it or None) from a bare or wrapped checkpoint: under
     `state_dict` / `model` / `model_ema` / `module` (nested; `model_ema` first with `use_ema`), a

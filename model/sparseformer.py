@@ -22,7 +22,7 @@ from torch import Tensor
 from kernels import FeatureMap, adaptive_mix
 from kernels.backend import BACKENDS, resolve_backend
 
-from .hub import check_state_dict, find_state_dict, read_checkpoint
+from .hub import check_state_dict, find_state_dict, is_train_checkpoint, read_checkpoint
 
 LN_EPS = 1e-6  # every LayerNorm of the model (docs/MODEL.md, "A sampling block")
 STD_EPS = 1e-7  # inside the stem's channel standardisation and the sampling-offset standardisation
@@ -823,7 +823,7 @@ def load_official_checkpoint(
     source = "state dict" if isinstance(obj, dict) else str(obj)
     if not isinstance(obj, dict):
         obj = read_checkpoint(obj)
-    if isinstance(obj, dict) and {"model", "step", "config"} <= set(obj) and isinstance(obj["config"], dict):
+    if is_train_checkpoint(obj):
         return _load_train_checkpoint(obj, use_ema, overrides)  # our own train.py checkpoint: just load it
     state, stored_config = find_state_dict(obj, use_ema)
     try:
