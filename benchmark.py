@@ -281,8 +281,32 @@ def _row(point: Point, cfg: DictConfig, device: torch.device, **values) -> dict:
     return row
 
 
-def run_sweep(cfg: DictConfig, device: torch.device, progress: bool = True) -> list[dict]:
-    """Measure every point of cfg.sweep; returns one row per point (COLUMNS), in sweep order."""
+def write_profile(runner: Runner, batch_size: int, path: Path) -> None:
+    """One step of `runner` under torch.profiler: its ops by self time (device time on GPU), to `path`."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if runner.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        runner.step(batch_size)
+        synchronize(runner.device)
+    sort = "self_cuda_time_total" if runner.device.type == "cuda" else "self_cpu_time_total"
+    ops = prof.key_averages()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"one {runner.mode} step, batch {batch_size}, under torch.profiler (its overhead included)\n\n"
+        + ops.table(sort_by=sort, row_limit=25)
+        + "\n\nby input shape:\n"
+        + prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=25, max_name_column_width=40,
+                                                              max_shapes_column_width=80)
+        + "\n"
+    )
+
+
+def run_sweep(cfg: DictConfig, device: torch.device, progress: bool = True,
+              profile_dir: Path | None = None) -> list[dict]:
+    """Measure every point of cfg.sweep; returns one row per point (COLUMNS), in sweep order. With
+    profile_dir, each point then runs one more step under torch.profiler, after its timed rounds
+    (write_profile: profile_dir/<model>_<tokens>tok_<res>px[_<frames>f]_<mode>.txt)."""
     sweep = cfg.sweep
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {cfg.precision!r}")
@@ -364,6 +388,11 @@ def run_sweep(cfg: DictConfig, device: torch.device, progress: bool = True) -> l
                         raise
                     record_oom(p, f"timed round {r + 1}", err)
                     bar.update(steps_per_point - done[p])
+        for p in runners:
+            if profile_dir is not None:
+                frames = f"_{p.frames}f" if p.frames else ""
+                name = f"{p.model}_{static[p]['tokens']}tok_{p.resolution}px{frames}_{p.mode}.txt"
+                write_profile(runners[p], sweep.batch_size, profile_dir / name)
         for p in runners:
             throughputs = [sweep.batch_size / t for t in times[p]]
             rows[p] = _row(
@@ -539,16 +568,43 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_video_ratios(rows: list[dict], reference: str | None) -> str:
-    """Each video model's clips/s against `reference` (sweep.video.reference) at the same frames and mode."""
+def measure_gemm_peak(device: torch.device, precision: str, repeats: int = 7) -> float:
+    """This device's square-GEMM rate in GMAC/s (median of `repeats`; 2048^3 on CPU, 8192^3 on GPU) in
+    the sweep's precision: what a model made only of large matmuls could reach, the yardstick for
+    the achieved GMAC/s of each row."""
+    n = 8192 if device.type == "cuda" else 2048
+    dtype = PRECISIONS[precision] or torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    times = []
+    for _ in range(repeats + 2):  # two warm-up calls
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return n**3 / statistics.median(times[2:]) / 1e9
+
+
+def achieved_gmacs_s(row: dict) -> float:
+    """Counted MACs per second that a row's model achieved (throughput x GMACs per image)."""
+    return row["throughput_img_s"] * row["gmacs"]
+
+
+def format_video_ratios(rows: list[dict], reference: str | None, gemm_peak: float | None = None) -> str:
+    """Each video model's clips/s against `reference` (sweep.video.reference) at the same frames and mode,
+    with the ratio of counted MACs (what the throughput ratio would be at equal efficiency) and both
+    models' achieved GMAC/s (against `gemm_peak`, this device's GEMM rate, when given)."""
     ok = [r for r in _ok(rows) if r["frames"] is not None]
-    ref = {(r["frames"], r["mode"]): r["throughput_img_s"] for r in ok if r["model"] == reference}
+    ref = {(r["frames"], r["mode"]): r for r in ok if r["model"] == reference}
+    peak = f" of a {gemm_peak:.0f} GMAC/s GEMM peak" if gemm_peak else ""
     lines = []
     for r in ok:
         base = ref.get((r["frames"], r["mode"]))
         if r["model"] != reference and base:
-            lines.append(f"{r['mode']:9s} {r['frames']:3d} frames  {r['model']} ({r['tokens']} tokens) / {reference} = "
-                         f"{r['throughput_img_s'] / base:.2f}x")
+            lines.append(
+                f"{r['mode']:9s} {r['frames']:3d} frames  {r['model']} ({r['tokens']} tokens) / {reference} = "
+                f"{r['throughput_img_s'] / base['throughput_img_s']:.2f}x  (MACs {base['gmacs'] / r['gmacs']:.2f}x "
+                f"fewer; achieved {achieved_gmacs_s(r):.1f} vs {achieved_gmacs_s(base):.1f} GMAC/s{peak})")
     return "\n".join(lines)
 
 
@@ -707,10 +763,11 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> list[dict]:
         raise ValueError(f"mode must be sweep, kernels, memory or tradeoff, got {cfg.mode!r}")
     accuracy = read_accuracy_file(cfg.accuracy_file) if cfg.accuracy_file else None
     started = time.perf_counter()
-    rows = run_sweep(cfg, device, progress=progress)
+    rows = run_sweep(cfg, device, progress=progress, profile_dir=run_dir / "profiles" if cfg.profile else None)
     meta = machine_info(device)
     meta["keep_freed_memory"] = malloc_tuned
     meta["sweep_seconds"] = round(time.perf_counter() - started, 1)
+    meta["gemm_peak_gmacs_s"] = round(measure_gemm_peak(device, cfg.precision), 1)
     files = write_results(rows, run_dir, meta)
     files += plot_results(rows, run_dir, accuracy, base_resolution=cfg.sweep.token_resolution)
     summary = "\n".join([
@@ -718,12 +775,13 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> list[dict]:
         f"OMP_WAIT_POLICY={meta['omp_wait_policy']})"
         + (f", GPU {meta['gpu']}" if "gpu" in meta else "") + f"; torch {meta['torch']}; {meta['date_utc']} UTC",
         f"device={device} backend={cfg.backend} precision={cfg.precision} batch_size={cfg.sweep.batch_size} "
-        f"repeats={cfg.sweep.repeats} (median) keep_freed_memory={malloc_tuned}; sweep took {meta['sweep_seconds']} s",
+        f"repeats={cfg.sweep.repeats} (median) keep_freed_memory={malloc_tuned}; sweep took {meta['sweep_seconds']} s; "
+        f"GEMM peak {meta['gemm_peak_gmacs_s']} GMAC/s",
         "",
         format_rows(rows),
         "",
         format_ratios(rows, cfg.sweep.reference, cfg.sweep.token_resolution),
-        format_video_ratios(rows, cfg.sweep.get("video", {}).get("reference")),
+        format_video_ratios(rows, cfg.sweep.get("video", {}).get("reference"), meta["gemm_peak_gmacs_s"]),
     ])  # fmt: skip
     (run_dir / "summary.txt").write_text(summary + "\n")
     files.append(run_dir / "summary.txt")

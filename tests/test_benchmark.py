@@ -184,7 +184,7 @@ def test_video_points_run_side_by_side(tmp_path):
     counted MACs per clip and the ratio line in the summary."""
     cfg = config("logger.mode=disabled", "sweep.models=[]", "sweep.video.models=[videosparseformer_nano,vivit_nano]",
                  "sweep.video.frames=[4,8]", "sweep.video.resolution=32", "sweep.video.reference=vivit_nano",
-                 "sweep.video.tokens=[4]", "sweep.video.token_frames=4")
+                 "sweep.video.tokens=[4]", "sweep.video.token_frames=4", "profile=true")
     rows = benchmark.run(cfg, tmp_path, progress=False)
     got = {(r["model"], r["tokens"], r["frames"]) for r in rows}
     vsf, vit = "videosparseformer_nano", "vivit_nano"
@@ -195,7 +195,16 @@ def test_video_points_run_side_by_side(tmp_path):
         macs[("videosparseformer_nano", 4)]
     summary = (tmp_path / "summary.txt").read_text()
     assert "videosparseformer_nano (32 tokens) / vivit_nano" in summary
+    # the ratio line carries the MAC ratio (the equal-efficiency bound) and both achieved rates
+    line = next(x for x in summary.splitlines() if f"{vsf} (32 tokens) / {vit}" in x and " 8 frames" in x)
+    mac_ratio = macs[("vivit_nano", 8)] / macs[("videosparseformer_nano", 8)]
+    assert f"MACs {mac_ratio:.2f}x fewer" in line and "GMAC/s GEMM peak" in line
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["gemm_peak_gmacs_s"] > 0
     assert (tmp_path / "throughput_vs_frames.png").exists()
+    # profile=true: one profiled step per point, named by its coordinates, the stem's conv among the ops
+    profiles = sorted(p.name for p in (tmp_path / "profiles").iterdir())
+    assert profiles == sorted(f"{m}_{t}tok_32px_{f}f_inference.txt" for m, t, f in got)
+    assert "convolution" in (tmp_path / "profiles" / f"{vsf}_32tok_32px_8f_inference.txt").read_text()
 
 
 @pytest.mark.parametrize("key", ["batch_size", "repeats"])
