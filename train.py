@@ -489,8 +489,9 @@ def launch_local_processes(cfg: DictConfig, run_dir: str, overrides: list[str]) 
     cmd = [sys.executable, "-c", lifecycle.TORCHRUN_QUIET, "--standalone", f"--nproc_per_node={n}",
            str(Path(__file__).resolve()), *keep, f"run_dir={Path(run_dir).resolve()}",
            f"hardware.num_threads={threads}"]
-    log.info("hardware.processes=%d: launching %d local processes of %d thread(s) each (%s)", n, n, threads,
-             " ".join(cmd[1:6]))
+    # (the command as torchrun's own CLI spells it: cmd[1:3] is the quiet wrapper's `-c <script>`)
+    log.info("hardware.processes=%d: launching %d local processes of %d thread(s) each (torchrun %s)", n, n, threads,
+             " ".join(cmd[3:]))
     lifecycle.lock_run_dir(run_dir)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), **lifecycle.child_lock_env(run_dir),
            "SPARSEFORMER_LAUNCHED": "1"}

@@ -40,7 +40,9 @@ def test_processes_option_relaunches_under_torchrun_in_one_run_dir(tmp_path):
     run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert len(run_dirs) == 1 and run_dirs[0].parent.name != "torchrun", run_dirs
     run_dir = run_dirs[0]
-    assert "launching 2 local processes of 1 thread(s) each" in (run_dir / "train.log").read_text()
+    launch = next(line for line in (run_dir / "train.log").read_text().splitlines() if "launching" in line)
+    assert "launching 2 local processes of 1 thread(s) each (torchrun --standalone --nproc_per_node=2 " in launch
+    assert "import" not in launch  # the command as torchrun's CLI spells it, not the quiet wrapper's script
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert len(state["rng"]) == 2 and state["step"] == 4  # 32 samples / (2 ranks x 8) x 2 epochs
     result = json.loads((run_dir / "result.json").read_text())
