@@ -19,9 +19,7 @@ from data import builder_from_config
 from data.samplers import EvalSampler
 from model import load_official_checkpoint
 from model.hub import is_train_checkpoint, read_checkpoint
-from training.checkpoint import TrainState
 from training.config import ConfigError, register_resolvers
-from training.optim import EMA
 from training.visualize import draw_sampling, draw_tubes, plt
 
 log = logging.getLogger("visualize")
@@ -55,19 +53,18 @@ def check(cfg: DictConfig, overrides: list[str]) -> None:
 
 
 def load_model(cfg: DictConfig):
-    """(model in eval mode, the data config to draw from, its seed): a train.py checkpoint through its
-    TrainState (EMA weights with use_ema), with the data it trained on; else the authors' weights."""
+    """(model in eval mode, the data config to draw from, its seed): a train.py checkpoint's model built
+    from its stored config (EMA weights with use_ema), with the data it trained on; else the authors'
+    weights (model.load_official_checkpoint reads both)."""
     path = Path(cfg.checkpoint)
     if not path.is_file():
         raise ConfigError(f"checkpoint={str(path)!r}: no such file")
     obj = read_checkpoint(path)
+    model = load_official_checkpoint(obj, use_ema=cfg.use_ema).eval()  # ours from its stored config, or the authors'
     if not is_train_checkpoint(obj):
-        return load_official_checkpoint(obj).eval(), cfg.data, cfg.seed
+        return model, cfg.data, cfg.seed
     run_cfg = OmegaConf.create(obj["config"])
-    model = hydra.utils.instantiate(run_cfg.model, pretrained=False)  # the weights come from the checkpoint
-    state = TrainState(model, ema=EMA(model, 0.5) if cfg.use_ema and obj.get("ema") is not None else None)
-    state.load_state_dict(obj)
-    return (state.ema.module if state.ema else model).eval(), run_cfg.data, run_cfg.seed
+    return model, run_cfg.data, run_cfg.seed
 
 
 def visualize(cfg: DictConfig) -> list[Path]:
