@@ -214,7 +214,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
     if data.steps_per_epoch == 0 and not cfg.trainer.eval_only:  # else 0 steps, no checkpoint and exit 0
         raise SystemExit(f"{len(data.train_set)} training images ({data.train_sampler.num_samples} per process) "
                          f"< batch size {cfg.data.batch_size}: lower data.batch_size")
-    use_checkpoint_model(cfg, run_dir, info)
+    read_once = use_checkpoint_model(cfg, run_dir, info)  # eval-only: (path, checkpoint), read here, used by resume
     with open_dict(cfg):  # the dataset decides these; the logged config must say what was built
         cfg.model.update(data.spec.model_kwargs())
     if info.is_main:
@@ -223,7 +223,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
     model = build_model(cfg, info)
     flops = count_flops(model, data.spec.image_size, in_chans=data.spec.in_chans)  # before any RNG is set or restored
     state = build_state(cfg, model, data, info, precision)
-    resume(state, cfg, run_dir, info)
+    resume(state, cfg, run_dir, info, read_once)
     # DDP: gradients are averaged over ranks in backward; everything else is per-rank code
     ddp_model = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
         if info.enabled else model
@@ -234,23 +234,26 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
                start_time, cpu_start=time.process_time())
 
 
-def use_checkpoint_model(cfg: DictConfig, run_dir: Path, info: dist.DistInfo) -> None:
+def use_checkpoint_model(cfg: DictConfig, run_dir: Path, info: dist.DistInfo) -> tuple[Path, dict] | None:
     """Eval-only from one of our checkpoints: evaluate the model it was trained as (its stored config),
-    not the command line's."""
+    not the command line's. Returns (path, the checkpoint read) for `resume`, which then does not read it
+    again; None when there is nothing to evaluate from."""
     tr = cfg.trainer
     if not (tr.eval_only and tr.resume):
-        return
+        return None
     path = ckpt.find_last(run_dir) if tr.resume == "auto" else Path(tr.resume)
     if path is None:
-        return
-    stored = read_checkpoint(path).get("config", {}).get("model")
+        return None
+    checkpoint = read_checkpoint(path)
+    stored = checkpoint.get("config", {}).get("model")
     if not stored:
-        return
+        return path, checkpoint
     stored = {**stored, "pretrained": False}  # the weights come from the checkpoint
     if stored != OmegaConf.to_container(cfg.model, resolve=True) and info.is_main:
         log.info("trainer.eval_only: evaluating the model stored in %s (%s), not model=%s", path, stored.get("name"),
                  cfg.model.get("name"))
     cfg.model = OmegaConf.create(stored)
+    return path, checkpoint
 
 
 def build_model(cfg: DictConfig, info: dist.DistInfo) -> nn.Module:
@@ -284,8 +287,10 @@ def build_state(cfg: DictConfig, model: nn.Module, data: Data, info: dist.DistIn
     )
 
 
-def resume(state: TrainState, cfg: DictConfig, run_dir: Path, info: dist.DistInfo) -> None:
-    """Seed the per-rank RNGs, then restore `trainer.resume` (auto = this run dir's last checkpoint)."""
+def resume(state: TrainState, cfg: DictConfig, run_dir: Path, info: dist.DistInfo,
+           read_once: tuple[Path, dict] | None = None) -> None:
+    """Seed the per-rank RNGs, then restore `trainer.resume` (auto = this run dir's last checkpoint);
+    `read_once` is that checkpoint when the caller has read it already (use_checkpoint_model)."""
     torch.manual_seed(cfg.seed + info.rank)  # augmentation / drop path draws differ per rank
     np.random.seed((cfg.seed + info.rank) % 2**32)
     random.seed(cfg.seed + info.rank)
@@ -296,7 +301,10 @@ def resume(state: TrainState, cfg: DictConfig, run_dir: Path, info: dist.DistInf
             log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", run_dir / "checkpoints")
         return
     schedule, config = state.schedule, state.config
-    state.restore(path, info)
+    if read_once is not None and read_once[0] == path:
+        state.load_state_dict(read_once[1], info.rank)
+    else:
+        state.restore(path, info)
     if state.schedule != schedule and info.is_main:
         log.warning("the config's lr schedule %s differs from the checkpoint's %s: following the config",
                     schedule, state.schedule)

@@ -130,16 +130,24 @@ def test_eval_only_reproduces_the_final_evaluation(mnist_run, tmp_path, how):
         assert result["top1_ema"] == pytest.approx(json.loads((run_dir / "result.json").read_text())["top1_ema"])
 
 
-def test_eval_only_builds_the_model_stored_in_the_checkpoint(mnist_run, tmp_path, caplog):
+def test_eval_only_builds_the_model_stored_in_the_checkpoint(mnist_run, tmp_path, caplog, monkeypatch):
     """The command line names the default nano (other widths): eval-only evaluates the checkpoint's own
-    model and reports the checkpoint's step."""
+    model and reports the checkpoint's step, reading the file once (its model config and its state)."""
+    import training.checkpoint
+
     run_dir, _, top1 = mnist_run
+    last = run_dir / "checkpoints" / "last.pt"
+    reads = []
+    for module in (train_script, training.checkpoint):
+        real = module.read_checkpoint
+        monkeypatch.setattr(module, "read_checkpoint", lambda path, real=real: reads.append(Path(path)) or real(path))
     cfg = compose_cfg([*TINY_MNIST, *FAST, f"run_dir={tmp_path}", "trainer.eval_only=true", "logger.mode=disabled",
-                       f"trainer.resume={run_dir / 'checkpoints' / 'last.pt'}"])
+                       f"trainer.resume={last}"])
     with caplog.at_level("INFO", logger="train"):
         assert train_script.train(cfg, tmp_path) == pytest.approx(top1)
     assert json.loads((tmp_path / "result.json").read_text())["step"] == 8
     assert "evaluating the model stored in" in caplog.text
+    assert reads == [last]
 
 
 def test_fine_tuning_starts_from_the_given_weights(mnist_run, tmp_path, monkeypatch):
