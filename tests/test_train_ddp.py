@@ -34,8 +34,11 @@ def test_processes_option_relaunches_under_torchrun_in_one_run_dir(tmp_path):
     """`python train.py hardware.processes=2` (the cluttered-MNIST default) starts 2 single-threaded
     DDP ranks itself: one run folder (the parent's), both ranks in the checkpoint, result.json."""
     fast = [a for a in FAST if not a.startswith(("hardware.processes=", "hardware.num_threads="))]
-    res = run_train([*TINY_MODEL, *TINY_MNIST, *fast, "hardware.processes=2"], cwd=tmp_path, timeout=400)
+    # OMP_NUM_THREADS unset, as in a user's shell: the launcher sets it for torchrun's children itself
+    res = run_train([*TINY_MODEL, *TINY_MNIST, *fast, "hardware.processes=2"], cwd=tmp_path, timeout=400,
+                    env_extra={"OMP_NUM_THREADS": None})
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "Setting OMP_NUM_THREADS" not in res.stderr + res.stdout  # torchrun's banner when it must choose
     assert "Grad strides do not match" not in res.stderr  # the 1-channel stem's weight gradient (DDP buckets)
     run_dirs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
     assert len(run_dirs) == 1 and run_dirs[0].parent.name != "torchrun", run_dirs

@@ -50,6 +50,7 @@ def run_train(args: list[str], cwd: Path = REPO, timeout: int = 300, env_extra: 
               torchrun: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = {k: v for k, v in env.items() if v is not None}  # env_extra {NAME: None} unsets NAME
     cmd = [sys.executable]
     if torchrun:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
