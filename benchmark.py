@@ -389,11 +389,10 @@ def run_sweep(cfg: DictConfig, device: torch.device, progress: bool = True,
                     record_oom(p, f"timed round {r + 1}", err)
                     bar.update(steps_per_point - done[p])
         for p in runners:
-            if profile_dir is not None:
+            if profile_dir is not None:  # after every point's timed rounds
                 frames = f"_{p.frames}f" if p.frames else ""
                 name = f"{p.model}_{static[p]['tokens']}tok_{p.resolution}px{frames}_{p.mode}.txt"
                 write_profile(runners[p], sweep.batch_size, profile_dir / name)
-        for p in runners:
             throughputs = [sweep.batch_size / t for t in times[p]]
             rows[p] = _row(
                 p, cfg, device, status="ok", **static[p],

@@ -238,10 +238,7 @@ def use_checkpoint_model(cfg: DictConfig, run_dir: Path, info: dist.DistInfo) ->
     """Eval-only from one of our checkpoints: evaluate the model it was trained as (its stored config),
     not the command line's. Returns (path, the checkpoint read) for `resume`, which then does not read it
     again; None when there is nothing to evaluate from."""
-    tr = cfg.trainer
-    if not (tr.eval_only and tr.resume):
-        return None
-    path = ckpt.find_last(run_dir) if tr.resume == "auto" else Path(tr.resume)
+    path = resume_path(cfg, run_dir) if cfg.trainer.eval_only else None
     if path is None:
         return None
     checkpoint = read_checkpoint(path)
@@ -287,6 +284,14 @@ def build_state(cfg: DictConfig, model: nn.Module, data: Data, info: dist.DistIn
     )
 
 
+def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint `trainer.resume` names: auto = this run dir's last one (None when it has none)."""
+    resume_from = cfg.trainer.resume
+    if not resume_from:
+        return None
+    return ckpt.find_last(run_dir) if resume_from == "auto" else Path(resume_from)
+
+
 def resume(state: TrainState, cfg: DictConfig, run_dir: Path, info: dist.DistInfo,
            read_once: tuple[Path, dict] | None = None) -> None:
     """Seed the per-rank RNGs, then restore `trainer.resume` (auto = this run dir's last checkpoint);
@@ -294,10 +299,9 @@ def resume(state: TrainState, cfg: DictConfig, run_dir: Path, info: dist.DistInf
     torch.manual_seed(cfg.seed + info.rank)  # augmentation / drop path draws differ per rank
     np.random.seed((cfg.seed + info.rank) % 2**32)
     random.seed(cfg.seed + info.rank)
-    tr = cfg.trainer
-    path = ckpt.find_last(run_dir) if tr.resume == "auto" else (Path(tr.resume) if tr.resume else None)
+    path = resume_path(cfg, run_dir)
     if path is None:
-        if tr.resume == "auto" and info.is_main:
+        if cfg.trainer.resume == "auto" and info.is_main:
             log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", run_dir / "checkpoints")
         return
     schedule, config = state.schedule, state.config
