@@ -52,13 +52,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from model import count_flops, create_model, list_models
 from model.memory import saved_tensor_bytes
 from model.sparseformer import VARIANTS as SPARSEFORMER_VARIANTS
 from model.sparseformer import SparseFormer
+from training.logger import benchmark_run
 
 log = logging.getLogger("benchmark")
 
@@ -627,16 +628,11 @@ def format_ratios(rows: list[dict], reference: str, base_resolution: int) -> str
 
 def log_wandb(cfg: DictConfig, rows: list[dict], files: list[Path], meta: dict, run_dir: Path) -> None:
     """Log the rows (a table and one entry per point) and the plots to W&B; files stay in run_dir/wandb."""
-    if cfg.logger.mode == "disabled":
+    run = benchmark_run(cfg, run_dir, run_dir.name, meta)
+    if run is None:
         return
     import wandb
 
-    os.environ.setdefault("WANDB_SILENT", "true")
-    run = wandb.init(
-        project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
-        tags=list(cfg.logger.tags), mode=cfg.logger.mode, dir=str(run_dir), name=run_dir.name,
-        job_type="benchmark", config={**OmegaConf.to_container(cfg, resolve=True), "machine": meta},
-    )  # fmt: skip
     try:
         run.log({"results": wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])})
         for path in files:

@@ -8,6 +8,23 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 
+def benchmark_run(cfg, run_dir: Path, name: str, meta: dict, extra_tags: tuple[str, ...] = ()):
+    """A W&B run for a benchmark.py result (job_type benchmark, the machine in its config), files under
+    run_dir/wandb; None when cfg.logger.mode is disabled. The caller logs into it and finishes it."""
+    if cfg.logger.mode == "disabled":
+        return None
+    import os
+
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(
+        project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+        tags=[*cfg.logger.tags, *extra_tags], mode=cfg.logger.mode, dir=str(run_dir), name=name,
+        job_type="benchmark", config={**OmegaConf.to_container(cfg, resolve=True), "machine": meta},
+    )  # fmt: skip
+
+
 class Logger:
     def __init__(self, cfg, run_dir: Path, enabled: bool, run_id: str | None = None):
         self.enabled, self.run, self.run_dir = enabled, None, Path(run_dir)

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data import build_data
 from training import checkpoint as ckpt
+from training.logger import benchmark_run
 
 log = logging.getLogger("tradeoff")
 REPO = Path(__file__).resolve().parents[1]
@@ -263,15 +264,11 @@ def run_tradeoff(cfg: DictConfig, run_dir: Path, machine: dict) -> list[dict]:
 
 
 def log_wandb(cfg: DictConfig, rows: list[dict], png: Path, meta: dict, run_dir: Path) -> None:
-    if cfg.logger.mode == "disabled":
+    run = benchmark_run(cfg, run_dir, f"tradeoff_{run_dir.name}", meta, extra_tags=("tradeoff",))
+    if run is None:
         return
     import wandb
 
-    os.environ.setdefault("WANDB_SILENT", "true")
-    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
-                     tags=[*cfg.logger.tags, "tradeoff"], mode=cfg.logger.mode, dir=str(run_dir),
-                     name=f"tradeoff_{run_dir.name}", job_type="benchmark",
-                     config={**OmegaConf.to_container(cfg, resolve=True), "machine": meta})
     try:
         table = wandb.Table(columns=COLUMNS, data=[[r[c] for c in COLUMNS] for r in rows])
         run.log({"tradeoff/table": table, "tradeoff/plot": wandb.Image(str(png)),
