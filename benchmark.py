@@ -32,7 +32,6 @@ import csv
 import ctypes
 import json
 import logging
-import math
 import os
 
 # Idle OpenMP threads sleep instead of spinning (read when torch loads OpenMP, so before `import torch`).
@@ -60,6 +59,7 @@ from model.memory import saved_tensor_bytes
 from model.sparseformer import VARIANTS as SPARSEFORMER_VARIANTS
 from model.sparseformer import SparseFormer
 from training.logger import benchmark_run
+from training.report import markdown_table
 
 log = logging.getLogger("benchmark")
 
@@ -550,22 +550,13 @@ def read_accuracy_file(path: str | Path) -> dict[str, float]:
         return {row["model"]: float(row["top1"]) for row in reader}
 
 
-def _fmt(value, spec: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return format(value, spec)
-
-
 def format_rows(rows: list[dict]) -> str:
     """Markdown table of the result rows."""
     cols = [("model", ""), ("tokens", ""), ("resolution", ""), ("frames", ""), ("mode", ""),
             ("throughput_img_s", ".2f"), ("latency_ms", ".1f"), ("peak_mem_mb", ".0f"), ("saved_mib_per_img", ".1f"),
             ("params", ","),
             ("gmacs", ".2f"), ("gmacs_without_mixing", ".2f"), ("status", "")]
-    lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r[c], f) for c, f in cols) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, cols)
 
 
 def measure_gemm_peak(device: torch.device, precision: str, repeats: int = 7) -> float:
@@ -701,13 +692,12 @@ def run_memory(cfg: DictConfig, device: torch.device, run_dir: Path) -> list[dic
     for row in rows:
         step = statistics.median(times[row["options"]])
         row.update(step_ms=step * 1e3, step_time_vs_eager=step / base)
-    cols = [("options", "{}"), ("saved_mib_per_img", "{:.1f}"), ("step_ms", "{:.0f}"), ("step_time_vs_eager", "{:.3f}")]
+    cols = [("options", ""), ("saved_mib_per_img", ".1f"), ("step_ms", ".0f"), ("step_time_vs_eager", ".3f")]
     meta = machine_info(device)
     table = "\n".join(
         [f"{mem.model} at {mem.resolution} px, batch {mem.batch_size}, backend={cfg.backend}, {cfg.precision}, "
          f"{device}; median of {cfg.sweep.repeats} steps, round-robin; {meta['cpu']}, {meta['date_utc']} UTC", "",
-         "| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
-        + ["| " + " | ".join(f.format(r[c]) for c, f in cols) + " |" for r in rows])
+         markdown_table(rows, cols)])
     print(table)
     (run_dir / "memory.txt").write_text(table + "\n")
     with (run_dir / "memory.csv").open("w", newline="") as f:

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from data import build_data
 from training import checkpoint as ckpt
 from training.logger import benchmark_run
+from training.report import markdown_table
 
 log = logging.getLogger("tradeoff")
 REPO = Path(__file__).resolve().parents[1]
@@ -200,12 +201,8 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
 
 def format_table(rows: list[dict]) -> str:
-    fmt = {"top1": "{:.2f}", "throughput_img_s": "{:.1f}", "latency_ms": "{:.2f}", "train_cpu_s": "{:.0f}"}
-    cols = [c for c in COLUMNS if c != "run_dir"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join("" if r[c] is None else fmt.get(c, "{}").format(r[c]) for c in cols) + " |")
-    return "\n".join(lines)
+    fmt = {"top1": ".2f", "throughput_img_s": ".1f", "latency_ms": ".2f", "train_cpu_s": ".0f"}
+    return markdown_table(rows, [(c, fmt.get(c, "")) for c in COLUMNS if c != "run_dir"])
 
 
 def run_tradeoff(cfg: DictConfig, run_dir: Path, machine: dict) -> list[dict]:
