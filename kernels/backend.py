@@ -30,6 +30,36 @@ def _interpret_env() -> bool:
 INTERPRETER_AT_IMPORT = _interpret_env()
 
 
+def _mend_interpreter_index() -> bool:
+    """Triton's interpreter passes a scalar kernel argument as a 1-element array, and a loop
+    `range(0, C, BLOCK)` over it calls the tensor's `__index__`. Up to at least triton 3.6 that is
+    `int(data)`, which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"): every kernel fails in the interpreter. Later tritons squeeze first; this does the same
+    for the older ones. Applied only where that exact line is in the installed interpreter; returns
+    whether it was."""
+    import inspect
+
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    try:
+        buggy = original is not None and "int(self.handle.data))" in inspect.getsource(original)
+    except (OSError, TypeError):
+        buggy = False
+    if not buggy:
+        return False
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    return True
+
+
+INTERPRETER_INDEX_MENDED = INTERPRETER_AT_IMPORT and _mend_interpreter_index()
+
+
 def triton_interpreter_enabled() -> bool:
     """True when the kernels were decorated for Triton's CPU interpreter."""
     return INTERPRETER_AT_IMPORT
