@@ -53,6 +53,16 @@ class _OfflineDriver:
         return 0
 
 
+def check_launch_args(name: str, args) -> None:
+    """Refuses a Python float among a launch's arguments: the compiled JIT types it fp32 (the
+    interpreter keeps it a Python float, so no CPU test sees the rounding), which would round e.g. a
+    float64 gradient clamp. Float64 values travel as their bits (`sampling.clamp_bits`)."""
+    floats = [i for i, a in enumerate(args) if isinstance(a, float)]
+    if floats:
+        raise TypeError(f"{name}: Python float arguments at positions {floats} would be rounded to fp32 when "
+                        "compiled; pass a float64 as its int64 bits (kernels.sampling.clamp_bits)")
+
+
 class _Capture:
     """Stands in for a @triton.jit kernel in its module: `kernel[grid](...)` compiles and records."""
 
@@ -61,6 +71,7 @@ class _Capture:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
+            check_launch_args(self.fn.__name__, args)
             self.sink.append((self.fn.__name__, self.fn.run(*args, grid=grid, warmup=True, **kwargs), kwargs))
         return launch
 

@@ -43,6 +43,7 @@ from .sampling import (
     chain_token,
     check_clamp,
     check_sampling_inputs,
+    clamp_bits,
     map_grad_root,
     map_shape,
     map_strides,
@@ -259,11 +260,10 @@ def sample_and_mix_bwd(grad_out: Tensor, features: Tensor, points: Tensor, param
     d_params = _backend.empty_output((B, N, C * C + P * P), dtype=params.dtype, device=dev)
     dbc, dbs, dh = backward_buffers(B, N, P, C, params.dtype, dev)
     if B * N > 0 and P * C > 0:
-        clamps = ([0.0, 0.0, 0.0] if clamp is None else list(clamp) + [0.0] * (3 - len(clamp)))[:3]
         sample_mix_bwd_kernel[(B * N,)](
             grad_out, features, points, params, channel_bias, spatial_bias,
             grad_map, d_points, d_params, dbc, dbs, dh,
-            T, H, W, C, N, P, *clamps,
+            T, H, W, C, N, P, *clamp_bits(clamp),
             *grad_out.stride(), *map_strides(features), *points.stride(), *params.stride(),
             *channel_bias.stride(), *spatial_bias.stride(),
             HAS_CLAMP=clamp is not None, **_config(features, points, params, P, C, backward=True),

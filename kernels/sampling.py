@@ -20,6 +20,7 @@ torch.library ops (+ FLOP formula, autograd) -> public function.
 """
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -208,12 +209,22 @@ def _scatter_reduce(b_g, p_fb, p_dfb, o_c, o_dc, m_c, s_t, s_h, s_w, d_t, d_h, d
 
 
 @triton.jit
+def _f64_arg(bits):
+    """A float64 passed as its int64 bit pattern (`clamp_bits`) back as a float64."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
 def _finish_point_grad(b_d, size, clamp, finite, HAS_CLAMP: tl.constexpr):
-    """d/dp = size x d/di (i = p * size - 1/2), the optional clamp (NaN passes through, as torch.clamp),
-    NaN at non-finite points."""
+    """d/dp = size x d/di (i = p * size - 1/2), the optional clamp (`clamp`: its float64 bits; NaN
+    passes through, as torch.clamp), NaN at non-finite points."""
     b_d = b_d * size
     if HAS_CLAMP:
-        b_d = tl.clamp(b_d, -clamp, clamp, propagate_nan=tl.PropagateNan.ALL)
+        # maximum then minimum, not tl.clamp(b_d, -bound, bound): sm_90's backend rewrites that symmetric
+        # clamp to fmin.xorsign.abs, which has no float64 form (the build fails)
+        bound = _f64_arg(clamp).to(b_d.dtype)
+        b_d = tl.maximum(b_d, -bound, propagate_nan=tl.PropagateNan.ALL)
+        b_d = tl.minimum(b_d, bound, propagate_nan=tl.PropagateNan.ALL)
     return tl.where(finite, b_d, _INF * 0.0)
 
 
@@ -357,9 +368,13 @@ def sparse_sample_fwd(features: Tensor, points: Tensor, backend: str) -> Tensor:
     return out
 
 
-def _clamps(clamp: Sequence[float] | None, ndim: int) -> tuple[float, float, float]:
+def clamp_bits(clamp: Sequence[float] | None) -> tuple[int, int, int]:
+    """The per-axis clamps (x, y, t; 0 where absent) as the int64 bit patterns of their float64 values:
+    a Python float kernel argument is typed fp32 by the compiled JIT, which would round a bound such
+    as 0.05 before it clamps a float64 gradient (the interpreter keeps the float, so only a GPU showed
+    it). The kernels bitcast them back (`_f64_arg`)."""
     values = [0.0, 0.0, 0.0] if clamp is None else list(clamp) + [0.0] * (3 - len(clamp))
-    return tuple(float(v) for v in values[:3])
+    return tuple(struct.unpack("<q", struct.pack("<d", float(v)))[0] for v in values[:3])
 
 
 def sparse_sample_bwd(grad_out: Tensor, features: Tensor, points: Tensor, grad_map: Tensor,
@@ -382,7 +397,7 @@ def sparse_sample_bwd(grad_out: Tensor, features: Tensor, points: Tensor, grad_m
     num_q_blocks = triton.cdiv(N * P, block_q)
     sparse_sample_bwd_kernel[(B * num_q_blocks,)](
         grad_out, features, points, grad_map, grad_p,
-        T, H, W, C, N, P, num_q_blocks, *_clamps(clamp, D),
+        T, H, W, C, N, P, num_q_blocks, *clamp_bits(clamp),
         *grad_out.stride(), *map_strides(features), *points.stride(),
         HAS_CLAMP=clamp is not None, COMPUTE=_backend.compute_dtype(features, points), IS_3D=D == 3,
         BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=warps,
