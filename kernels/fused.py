@@ -213,11 +213,14 @@ def check_fused_inputs(features: Tensor, points: Tensor, params: Tensor, channel
 def _config(features: Tensor, points: Tensor, params: Tensor, P: int, C: int, backward: bool = False) -> dict:
     """mix_config, plus the sampling constexprs; the backward's epilogue gathers and scatters 4 (8)
     corners per point besides the x gradient's block, so it takes 16 channels at a time (with 32, it
-    spills on sm_90)."""
+    spills on sm_90). The 16-bit 3-D forward runs its K loop unpipelined: pipelined, its 8-corner
+    gathers spill 12 B on sm_90 with triton 3.6's ptxas (none with 3.9's; unpipelined, none with either)."""
     is_3d = points.shape[-1] == 3
     cfg = mix_config(P, C, params.dtype, _backend.target(features.device), backward)
     if backward:
         cfg["BLOCK_K"] = min(16, cfg["BLOCK_K"])
+    elif is_3d and params.dtype in (torch.float16, torch.bfloat16):
+        cfg["num_stages"] = 1
     return dict(COMPUTE=_backend.compute_dtype(features, points), IS_3D=is_3d, **cfg)
 
 
