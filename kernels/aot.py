@@ -205,6 +205,27 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(rows: list[dict]) -> str:
+    """One Markdown table per dtype: a row per kernel and variant, a column per arch, each cell
+    registers / spilled bytes / shared memory in KB of the arch's per-block limit / `RED` atomics
+    (the tables of docs/BENCHMARKS.md)."""
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    out = []
+    for dt in dict.fromkeys(r["dtype"] for r in rows):
+        cells = {}
+        for r in rows:
+            if r["dtype"] == dt:
+                cells.setdefault((r["kernel"], r["variant"]), {})[r["arch"]] = (
+                    f"{r['registers']} / {r['spill_bytes']} / {r['shared_bytes'] / 1024:.1f} of "
+                    f"{r['shared_limit'] // 1024} / {r['red']}")
+        out += [f"{dt}: registers / spilled bytes / shared memory (KB, of the arch's per-block limit) / `RED` "
+                "atomics, per arch", "", "| kernel | " + " | ".join(archs) + " |", "|---|" + "---|" * len(archs)]
+        out += [f"| `{kernel}` {variant} | " + " | ".join(per_arch.get(a, "-") for a in archs) + " |"
+                for (kernel, variant), per_arch in cells.items()]
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None) -> list[dict]:
     # triton 3.9 warns when this is unset; 1 is its default and triton 3.6's behaviour
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -214,6 +235,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--arch", default="90", help="comma-separated compute capabilities, e.g. 80,86,89,90")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated: bf16,fp16,fp32,fp64")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--markdown", default=None, help="also write per-dtype Markdown tables to this file")
     args = parser.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
     dtypes = args.dtypes.split(",")
@@ -228,6 +250,9 @@ def main(argv=None) -> list[dict]:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(format_markdown(rows))
     bad = [r for r in rows if not r["ok"]]
     print(f"{len(rows)} kernels built, {len(bad)} over a limit")
     if bad:

@@ -159,7 +159,8 @@ def test_aot_build_for_one_arch(tmp_path):
     out = tmp_path / "aot.json"
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "86", "--dtypes", "bf16",
-                           "--json", str(out)], capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+                           "--json", str(out), "--markdown", str(tmp_path / "aot.md")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert {r["kernel"] for r in rows} >= {"sparse_sample_bwd_kernel", "adaptive_mix_bwd_kernel",
@@ -168,6 +169,12 @@ def test_aot_build_for_one_arch(tmp_path):
         assert r["ok"] and r["registers"] > 0 and r["spill_bytes"] == 0, r
         assert r["atomg"] == 0 and r["membar_gpu"] == 0, r
     assert all(r["red"] > 0 for r in rows if r["kernel"] in ("sparse_sample_bwd_kernel", "sample_mix_bwd_kernel"))
+    table = (tmp_path / "aot.md").read_text().splitlines()
+    assert table[0].startswith("bf16:") and table[2] == "| kernel | sm_86 |"
+    r = rows[0]
+    assert (f"| `{r['kernel']}` {r['variant']} | {r['registers']} / {r['spill_bytes']} / "
+            f"{r['shared_bytes'] / 1024:.1f} of 99 / {r['red']} |") in table
+    assert len(table) == 4 + len(rows) + 1  # title, blank, header, rule, a row per kernel, blank
 
 
 def test_validate_runs_its_cpu_subset(tmp_path):
