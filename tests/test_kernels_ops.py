@@ -177,11 +177,19 @@ def test_aot_build_for_one_arch(tmp_path):
     assert len(table) == 4 + len(rows) + 1  # title, blank, header, rule, a row per kernel, blank
 
 
+# What a GPU machine's own python (no venv, no internet) may lack: kernels.validate and the kernel
+# tests must run without them (docs/KERNELS.md, "Validating on a GPU").
+TRAINING_STACK = ("hydra", "omegaconf", "wandb", "kornia", "av", "einops", "matplotlib", "PIL", "mlxtend")
+_WITHOUT_TRAINING_STACK = f"import sys; sys.modules.update(dict.fromkeys({TRAINING_STACK!r}))"
+
+
 def test_validate_runs_its_cpu_subset(tmp_path):
     """`python -m kernels.validate` without a GPU: the interpreter-feasible sections, a report after
-    each, and the list of what it skipped."""
+    each, and the list of what it skipped; with none of the training stack importable."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "kernels.validate", "--out", str(tmp_path)], capture_output=True,
+    run_validate = (f"{_WITHOUT_TRAINING_STACK}; import runpy; sys.argv = ['kernels.validate', '--out', "
+                    f"{str(tmp_path)!r}]; runpy.run_module('kernels.validate', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", run_validate], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "validate.json").read_text())
@@ -192,3 +200,14 @@ def test_validate_runs_its_cpu_subset(tmp_path):
     assert all(sections[name]["status"] == "skipped" for name in ("bandwidth", "timings", "training_step"))
     assert "skipped" in md and "no CUDA device" in md
     assert all(c["ok"] for c in sections["correctness"]["checks"])
+
+
+def test_kernel_tests_import_without_the_training_stack():
+    """The gpu-marked kernel tests (`pytest -m gpu tests/test_kernels_*.py` on a GPU machine's own
+    python) import with none of the training stack importable: only pytest and hypothesis besides."""
+    modules = sorted(p.stem for p in (REPO / "tests").glob("test_kernels_*.py"))
+    code = f"{_WITHOUT_TRAINING_STACK}; import conftest; " + "; ".join(f"import {m}" for m in modules)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=REPO / "tests", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(modules) >= 4
