@@ -211,3 +211,36 @@ def test_kernel_tests_import_without_the_training_stack():
                           env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=REPO / "tests", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(modules) >= 4
+
+
+def test_interpreter_index_mend(monkeypatch):
+    """kernels/backend.py mends triton 3.6's interpreter (its scalar `__index__` is `int()` of a
+    1-element array, which numpy >= 2.4 refuses) and leaves a triton that squeezes first alone."""
+    import operator
+    from types import SimpleNamespace
+
+    import numpy as np
+    from triton.runtime import interpreter
+
+    from kernels import backend
+
+    class Scope:
+        def set_attr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    def patch_lang_tensor_36(tensor, scope):  # the line of triton 3.6
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    def patch_lang_tensor_39(tensor, scope):  # the line of triton 3.9
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    class Scalar:
+        handle = SimpleNamespace(data=np.array([7], dtype=np.int32))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_lang_tensor_39)
+    assert not backend._mend_interpreter_index()
+    assert interpreter._patch_lang_tensor is patch_lang_tensor_39
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_lang_tensor_36)
+    assert backend._mend_interpreter_index()
+    interpreter._patch_lang_tensor(Scalar, Scope())
+    assert operator.index(Scalar()) == 7 and list(range(0, Scalar(), 3)) == [0, 3, 6]
