@@ -54,9 +54,9 @@ class _OfflineDriver:
 
 
 def check_launch_args(name: str, args) -> None:
-    """Refuses a Python float among a launch's arguments: the compiled JIT types it fp32 (the
-    interpreter keeps it a Python float, so no CPU test sees the rounding), which would round e.g. a
-    float64 gradient clamp. Float64 values travel as their bits (`sampling.clamp_bits`)."""
+    """Refuses a Python float among a launch's arguments: the compiled JIT types it fp32 (triton 3.9's
+    interpreter keeps it a Python float, so the CPU suite does not see the rounding), which would round
+    e.g. a float64 gradient clamp. Float64 values travel as their bits (`sampling.clamp_bits`)."""
     floats = [i for i, a in enumerate(args) if isinstance(a, float)]
     if floats:
         raise TypeError(f"{name}: Python float arguments at positions {floats} would be rounded to fp32 when "

@@ -371,8 +371,8 @@ def sparse_sample_fwd(features: Tensor, points: Tensor, backend: str) -> Tensor:
 def clamp_bits(clamp: Sequence[float] | None) -> tuple[int, int, int]:
     """The per-axis clamps (x, y, t; 0 where absent) as the int64 bit patterns of their float64 values:
     a Python float kernel argument is typed fp32 by the compiled JIT, which would round a bound such
-    as 0.05 before it clamps a float64 gradient (the interpreter keeps the float, so only a GPU showed
-    it). The kernels bitcast them back (`_f64_arg`)."""
+    as 0.05 before it clamps a float64 gradient (triton 3.9's interpreter keeps the float, so the CPU
+    suite could not see it; 3.6's rounds it too). The kernels bitcast them back (`_f64_arg`)."""
     values = [0.0, 0.0, 0.0] if clamp is None else list(clamp) + [0.0] * (3 - len(clamp))
     return tuple(struct.unpack("<q", struct.pack("<d", float(v)))[0] for v in values[:3])
 
