@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 # torch is installed first, on its own, so that the other requirements never pull another build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup train test lint bench validate aot clean
+.PHONY: setup train test lint bench validate aot compat clean
 
 setup: $(VENV)/.installed
 
@@ -36,5 +36,18 @@ validate: setup
 aot: setup
 	TRITON_INTERPRET=0 $(VPY) -m kernels.aot --arch 80,86,89,90
 
+# the GPU machines' software pair (torch 2.11 + triton 3.6) in a second venv, on the CPU: the whole suite in
+# the interpreter and every kernel built for their sm_90 (docs/BENCHMARKS.md, "GPU build facts", also has
+# all four archs with it). torch 2.11.0 from PyPI is its CUDA build (~4.6 GB; it runs on the CPU) and
+# brings triton 3.6.0.
+COMPAT_VENV := .venv-compat
+COMPAT_TORCH ?= torch==2.11.0
+compat:
+	test -x $(COMPAT_VENV)/bin/python || $(PY) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -c "import torch" 2>/dev/null || $(COMPAT_VENV)/bin/python -m pip install -q "$(COMPAT_TORCH)"
+	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[dev]"
+	TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider
+	TRITON_INTERPRET=0 $(COMPAT_VENV)/bin/python -m kernels.aot --arch 90
+
 clean:
-	rm -rf $(VENV) outputs multirun wandb .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) outputs multirun wandb .pytest_cache
