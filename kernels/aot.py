@@ -77,28 +77,43 @@ class _Capture:
 
 
 @contextlib.contextmanager
+def kernels_replaced(stand_in):
+    """Within: every kernel of KERNELS in kernels.sampling / mixing / fused is `stand_in(kernel)`, so
+    the host wrappers' `kernel[grid](...)` calls reach it; restored on exit."""
+    from . import fused, mixing, sampling
+
+    saved = {(m, name): getattr(m, name) for m in (sampling, mixing, fused) for name in KERNELS if hasattr(m, name)}
+    try:
+        for (m, name), fn in saved.items():
+            setattr(m, name, stand_in(fn))
+        yield
+    finally:
+        for (m, name), fn in saved.items():
+            setattr(m, name, fn)
+
+
+@contextlib.contextmanager
 def offline_build(arch: int, sink: list):
     """Within: host wrappers compile their kernels for sm_{arch} into `sink` instead of launching them."""
     from triton.runtime.driver import driver
 
-    from . import fused, mixing, sampling
-
     if _backend.triton_interpreter_enabled():
         raise RuntimeError("kernels.aot compiles for a GPU: run it with TRITON_INTERPRET unset "
                            "(e.g. TRITON_INTERPRET=0 python -m kernels.aot)")
-    modules = [m for m in (sampling, mixing, fused) for name in KERNELS if hasattr(m, name)]
-    saved = {(m, name): getattr(m, name) for m in set(modules) for name in KERNELS if hasattr(m, name)}
+    built = []
+
+    def capture(fn):
+        fn.device_caches.clear()  # the binder caches the target per device
+        built.append(fn)
+        return _Capture(fn, sink)
+
     previous = driver._active  # None, or a real driver: restored as it was (there may be no GPU driver)
     driver.set_active(_OfflineDriver(arch))
     try:
-        for (m, name), fn in saved.items():
-            fn.device_caches.clear()  # the binder caches the target per device
-            setattr(m, name, _Capture(fn, sink))
-        with _backend.use_target(_backend.target_for_arch(arch)):
+        with kernels_replaced(capture), _backend.use_target(_backend.target_for_arch(arch)):
             yield
     finally:
-        for (m, name), fn in saved.items():
-            setattr(m, name, fn)
+        for fn in built:
             fn.device_caches.clear()
         driver._active = previous
 
