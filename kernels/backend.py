@@ -57,7 +57,8 @@ def _mend_interpreter_index() -> bool:
     return True
 
 
-INTERPRETER_INDEX_MENDED = INTERPRETER_AT_IMPORT and _mend_interpreter_index()
+if INTERPRETER_AT_IMPORT:
+    _mend_interpreter_index()
 
 
 def triton_interpreter_enabled() -> bool:
