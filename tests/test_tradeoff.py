@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import benchmark
-from training.tradeoff import pareto_front
+from training import checkpoint as ckpt
+from training.tradeoff import pareto_front, training_order
 
 CONF = str(Path(benchmark.__file__).resolve().parent / "conf")
 TINY_DATA = ["data.batch_size=8", "data.eval_batch_size=16", "data.train_samples_per_epoch=32",
@@ -30,7 +31,7 @@ def smoke_config(tmp_path, **extra):
             "+model.num_tokens=4", "+model.num_points=4", "+model.conv_dim=8", "+model.focusing_dim=16",
             "+model.cortex_dim=32", "+model.cortex_depth=1", "+model.num_heads=2", "+model.focusing_repeats=2"]},
         "deit": {"name": "deit_tiny", "overrides": TINY_VIT},
-        "avit": {"name": "avit_tiny", "overrides": TINY_VIT},
+        "avit": {"name": "avit_tiny", "overrides": TINY_VIT, "init_from": "deit"},
         "cnn": {"name": "cnn_small", "overrides": ["+model.widths=[4,8]"]},
     }
     tr.tome.r = [2, 4]
@@ -57,6 +58,10 @@ def test_tradeoff_trains_on_one_budget_and_writes_chart(tmp_path):
     for r in rows:
         assert 0 <= r["top1"] <= 100 and r["throughput_img_s"] > 0 and r["latency_ms"] > 0
         assert r["train_cpu_s"] > 1.5  # the process tree used at least the training budget
+    # A-ViT started from the DeiT's trained weights, as the default config has it
+    avit_config = ckpt.load(ckpt.find_last(run_dir / "train" / "avit"))["config"]
+    assert avit_config["model"]["pretrained"] == str(ckpt.find_last(run_dir / "train" / "deit"))
+    assert "loaded pretrained weights" in (run_dir / "train" / "avit" / "train_stdout.log").read_text()
     deit = next(r for r in rows if r["model"] == "deit")
     assert all(r["params"] == deit["params"] for r in rows if r["model"] == "deit+ToMe")  # a setting, same weights
     on_csv = read_csv(run_dir / "tradeoff.csv")
@@ -93,3 +98,14 @@ def test_pareto_front_by_hand():
             dict(top1=95, throughput_img_s=1), dict(top1=70, throughput_img_s=50)]
     front = pareto_front(rows)
     assert [(r["top1"], r["throughput_img_s"]) for r in front] == [(80, 100), (90, 10), (95, 1)]
+
+
+def test_training_order_puts_init_from_first_and_rejects_bad_ones():
+    models = OmegaConf.create({"a": {"name": "x", "init_from": "c"}, "b": {"name": "y"}, "c": {"name": "z"}})
+    assert training_order(models, {}) == ["c", "a", "b"]
+    assert training_order(models, {"c": Path("/reused")}) == ["a", "b"]  # a reused source is not trained
+    with pytest.raises(ValueError, match="init_from='d': not a model key"):
+        training_order(OmegaConf.create({"a": {"name": "x", "init_from": "d"}}), {})
+    with pytest.raises(ValueError, match="cycle: a -> b -> a"):
+        cycle = {"a": {"name": "x", "init_from": "b"}, "b": {"name": "y", "init_from": "a"}}
+        training_order(OmegaConf.create(cycle), {})

@@ -54,19 +54,21 @@ class Trained:
     cpu_s: float | None  # the train.py process tree's CPU time (None when reused)
 
 
-def train_command(cfg: DictConfig, key: str, run_dir: Path) -> list[str]:
+def train_command(cfg: DictConfig, key: str, run_dir: Path, init: Path | None = None) -> list[str]:
+    """The train.py command of model `key`; `init`: the last.pt it starts from (its init_from's)."""
     spec = cfg.tradeoff.models[key]
     return [sys.executable, str(REPO / "train.py"), f"model={spec.name}", f"data={cfg.tradeoff.data}",
             *cfg.tradeoff.train_overrides, *spec.get("overrides", []),
+            *([f"model.pretrained={init}"] if init is not None else []),
             f"trainer.cpu_budget_s={cfg.tradeoff.cpu_budget_s}", f"seed={cfg.seed}", f"run_dir={run_dir}",
             f"logger.mode={cfg.logger.mode}", f"name=tradeoff_{key}"]
 
 
-def run_training(cfg: DictConfig, key: str, run_dir: Path) -> float:
+def run_training(cfg: DictConfig, key: str, run_dir: Path, init: Path | None = None) -> float:
     """Train one model with train.py (its log in run_dir/train_stdout.log); returns the CPU-seconds of
     the process and the children it waited for (data-loader workers), from wait4."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = train_command(cfg, key, run_dir)
+    cmd = train_command(cfg, key, run_dir, init)
     log.info("training %s: %s", key, " ".join(cmd[1:]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
     with open(run_dir / "train_stdout.log", "w") as out:
@@ -85,7 +87,7 @@ def load_trained(key: str, run_dir: Path, cpu_s: float | None) -> Trained:
     if not result_file.is_file() or last is None:
         raise FileNotFoundError(f"{key}: {run_dir} is not a finished train.py run (needs result.json and "
                                 f"checkpoints/{ckpt.LAST}); pass tradeoff.checkpoints.{key}=<train.py run dir>")
-    config = torch.load(last, map_location="cpu", weights_only=False)["config"]
+    config = ckpt.load(last)["config"]  # weights-only, as every checkpoint read
     return Trained(key, run_dir, config, json.loads(result_file.read_text()), cpu_s)
 
 
@@ -98,11 +100,49 @@ def train_all(cfg: DictConfig, run_dir: Path) -> dict[str, Trained]:
     unknown = set(reuse) - set(tr.models)
     if unknown:
         raise ValueError(f"tradeoff.checkpoints: unknown model key(s) {sorted(unknown)}; keys: {list(tr.models)}")
-    to_train = [key for key in tr.models if key not in reuse]
+    where = {key: reuse.get(key, run_dir / "train" / key) for key in tr.models}
+    to_train = training_order(tr.models, reuse)
+    futures = {}
+
+    def train(key: str) -> float:
+        source = tr.models[key].get("init_from")
+        if source is not None:
+            if source in futures:
+                futures[source].result()  # started earlier (training_order); raises if it failed
+            last = ckpt.find_last(where[source])
+            if last is None:
+                raise FileNotFoundError(f"{key}: init_from={source}, but {where[source]} has no "
+                                        f"checkpoints/{ckpt.LAST}")
+            source = last
+        return run_training(cfg, key, where[key], source)
+
     with ThreadPoolExecutor(max_workers=max(1, int(tr.jobs))) as pool:
-        cpu = dict(zip(to_train, pool.map(lambda k: run_training(cfg, k, run_dir / "train" / k), to_train),
-                       strict=True))
-    return {key: load_trained(key, reuse.get(key, run_dir / "train" / key), cpu.get(key)) for key in tr.models}
+        for key in to_train:  # FIFO: a model's init_from is running or done before the model starts
+            futures[key] = pool.submit(train, key)
+        cpu = {key: future.result() for key, future in futures.items()}
+    return {key: load_trained(key, where[key], cpu.get(key)) for key in tr.models}
+
+
+def training_order(models: DictConfig, reuse: dict) -> list[str]:
+    """The keys to train (not in `reuse`), each after the model it starts from (`init_from`), in the
+    config's order otherwise; a ValueError for an unknown or circular init_from."""
+    order: list[str] = []
+
+    def visit(key: str, chain: tuple[str, ...]) -> None:
+        if key in order or key in reuse:
+            return
+        if key in chain:
+            raise ValueError(f"tradeoff.models: init_from forms a cycle: {' -> '.join((*chain, key))}")
+        source = models[key].get("init_from")
+        if source is not None:
+            if source not in models:
+                raise ValueError(f"tradeoff.models.{key}.init_from={source!r}: not a model key; keys: {list(models)}")
+            visit(source, (*chain, key))
+        order.append(key)
+
+    for key in models:
+        visit(key, ())
+    return order
 
 
 def build_trained_model(trained: Trained, **overrides) -> nn.Module:
@@ -111,7 +151,7 @@ def build_trained_model(trained: Trained, **overrides) -> nn.Module:
     model_cfg = OmegaConf.create(trained.config["model"])
     model_cfg.pretrained = False
     model = hydra.utils.instantiate(model_cfg, **overrides)
-    state = torch.load(trained.run_dir / "checkpoints" / ckpt.LAST, map_location="cpu", weights_only=False)
+    state = ckpt.load(trained.run_dir / "checkpoints" / ckpt.LAST)
     model.load_state_dict(state["model"])
     return model.eval()
 
