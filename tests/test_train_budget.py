@@ -39,7 +39,9 @@ def test_avit_trains_end_to_end_with_its_losses(tmp_path):
     cfg = compose_cfg(["model=avit_tiny", *TINY_VIT, *TINY_MNIST, *FAST, f"run_dir={tmp_path}", "trainer.epochs=1"])
     top1 = train_script.train(cfg, tmp_path)
     assert 0 <= top1 <= 100
-    assert cfg.model.img_size == 40 and cfg.model.patch_size == 10  # conf/data_model/cluttered_mnist_avit_tiny.yaml
+    # conf/data_model/cluttered_mnist_avit_tiny.yaml -> cluttered_mnist_vit.yaml: the ViT recipe, for A-ViT too
+    assert cfg.model.img_size == 40 and cfg.model.patch_size == 20 and cfg.model.drop_path_rate == 0.0
+    assert cfg.optim.lr == 1e-3
     losses = [m["train/loss"] for m in metrics(tmp_path) if "train/loss" in m]
     assert len(losses) == 4
 
