@@ -82,13 +82,18 @@ def run_training(cfg: DictConfig, key: str, run_dir: Path, init: Path | None = N
     return usage.ru_utime + usage.ru_stime
 
 
-def load_trained(key: str, run_dir: Path, cpu_s: float | None) -> Trained:
-    result_file, last = run_dir / "result.json", ckpt.find_last(run_dir)
-    if not result_file.is_file() or last is None:
+def finished_run(key: str, run_dir: Path) -> Path:
+    """The last.pt of a finished train.py run of model `key`, or a FileNotFoundError saying what is missing."""
+    last = ckpt.find_last(run_dir)
+    if not (run_dir / "result.json").is_file() or last is None:
         raise FileNotFoundError(f"{key}: {run_dir} is not a finished train.py run (needs result.json and "
                                 f"checkpoints/{ckpt.LAST}); pass tradeoff.checkpoints.{key}=<train.py run dir>")
-    config = ckpt.load(last)["config"]  # weights-only, as every checkpoint read
-    return Trained(key, run_dir, config, json.loads(result_file.read_text()), cpu_s)
+    return last
+
+
+def load_trained(key: str, run_dir: Path, cpu_s: float | None) -> Trained:
+    config = ckpt.load(finished_run(key, run_dir))["config"]  # weights-only, as every checkpoint read
+    return Trained(key, run_dir, config, json.loads((run_dir / "result.json").read_text()), cpu_s)
 
 
 def train_all(cfg: DictConfig, run_dir: Path) -> dict[str, Trained]:
@@ -105,16 +110,12 @@ def train_all(cfg: DictConfig, run_dir: Path) -> dict[str, Trained]:
     futures = {}
 
     def train(key: str) -> float:
-        source = tr.models[key].get("init_from")
+        source, init = tr.models[key].get("init_from"), None
         if source is not None:
             if source in futures:
                 futures[source].result()  # started earlier (training_order); raises if it failed
-            last = ckpt.find_last(where[source])
-            if last is None:
-                raise FileNotFoundError(f"{key}: init_from={source}, but {where[source]} has no "
-                                        f"checkpoints/{ckpt.LAST}")
-            source = last
-        return run_training(cfg, key, where[key], source)
+            init = finished_run(source, where[source])
+        return run_training(cfg, key, where[key], init)
 
     with ThreadPoolExecutor(max_workers=max(1, int(tr.jobs))) as pool:
         for key in to_train:  # FIFO: a model's init_from is running or done before the model starts
