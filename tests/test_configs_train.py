@@ -42,6 +42,25 @@ def test_default_is_nano_on_cluttered_mnist_on_cpu():
     assert model(torch.zeros(2, 1, 100, 100)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("data", ["cluttered_mnist", "moving_digits"])
+def test_cpu_demo_recipes_start_on_a_one_gpu_machine(data, monkeypatch):
+    """The embedded demos' recipes run two gloo ranks on a CPU; on a machine with one GPU (device=auto
+    picks it) they become one rank of the same global batch instead of asking for two GPUs. Pre-Ampere
+    GPUs get fp16: torch's bf16 check counts slow emulation as support unless asked not to."""
+    cpu = compose_cfg([f"data={data}", "hardware=cpu"])
+    assert (cpu.hardware.processes, cpu.data.batch_size) == (2, 32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    for overrides in ([f"data={data}"], [f"data={data}", "hardware=gpu"]):
+        cfg = compose_cfg(overrides)
+        validate(cfg)
+        assert (cfg.hardware.processes, cfg.data.batch_size) == (1, 64), overrides
+        assert resolve_hardware(cfg.hardware) == ("cuda", "fp16" if cfg.hardware.precision == "auto" else "bf16",
+                                                  "nccl")
+    assert compose_cfg([f"data={data}", "hardware.processes=4"]).hardware.processes == 4
+
+
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("data", ["cluttered_mnist", "imagenet"])
 def test_every_model_with_every_dataset(model_name, data, imagenet_root):

@@ -30,11 +30,25 @@ def output_subdir_resolver() -> str | None:
     return ".hydra" if os.environ.get("RANK", "0") == "0" else None
 
 
+def resolved_device(device: str) -> str:
+    """hardware.device with `auto` decided for this machine: cuda when a CUDA device is usable."""
+    import torch
+
+    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def on_cpu_resolver(device: str, cpu_value, gpu_value):
+    """`${sparseformer_on_cpu:${hardware.device},A,B}`: A when the run's device is the CPU, else B. For
+    a recipe tuned on a CPU that must still start as-is on a GPU machine (conf/recipe/cluttered_mnist.yaml:
+    two gloo ranks on a 2-core CPU, one rank on a GPU)."""
+    return cpu_value if resolved_device(str(device)) == "cpu" else gpu_value
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("sparseformer_run_dir"):
-        OmegaConf.register_new_resolver("sparseformer_run_dir", run_dir_resolver)
-    if not OmegaConf.has_resolver("sparseformer_output_subdir"):
-        OmegaConf.register_new_resolver("sparseformer_output_subdir", output_subdir_resolver)
+    for name, fn in (("sparseformer_run_dir", run_dir_resolver), ("sparseformer_output_subdir", output_subdir_resolver),
+                     ("sparseformer_on_cpu", on_cpu_resolver)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def _get(cfg: DictConfig, key: str):
@@ -63,7 +77,7 @@ def resolve_hardware(hw) -> tuple[str, str, str]:
     """(device, precision, dist backend) with every `auto` decided for this machine."""
     import torch
 
-    device = hw.device if hw.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolved_device(hw.device)
     if device == "cuda" and not torch.cuda.is_available():  # before any process is launched
         raise ConfigError("hardware.device=cuda but this machine has no usable CUDA device "
                           "(torch.cuda.is_available() is False); use hardware=cpu")
@@ -72,7 +86,9 @@ def resolve_hardware(hw) -> tuple[str, str, str]:
                           "are visible; lower hardware.processes")
     precision = hw.precision
     if precision == "auto":
-        precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        # native bf16 only (sm_80+): on older GPUs torch would report emulated bf16 as supported, which is slow
+        precision = "fp32" if device == "cpu" else (
+            "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16")
     backend = hw.dist_backend if hw.dist_backend != "auto" else ("nccl" if device == "cuda" else "gloo")
     return device, precision, backend
 
