@@ -36,3 +36,21 @@ def test_amp_trains_and_feeds_the_loss_scale_to_the_sampling_clamp(precision, tm
         assert model.sampling_grad_scale == state["scaler"]["scale"]  # no inf in 4 steps: the scale never moved
     else:
         assert state["scaler"] == {} and model.sampling_grad_scale == 1.0  # GradScaler off for bf16
+
+
+@pytest.mark.parametrize("saved, resumed", [("bf16", "fp16"), ("fp32", "fp16"), ("fp16", "bf16")])
+def test_resume_across_precisions(saved, resumed):
+    """A checkpoint of a run without fp16 holds an empty scaler state; resuming or evaluating it with fp16
+    (e.g. bf16 weights on a V100) starts a fresh scale instead of failing on the empty state."""
+    from training.checkpoint import TrainState
+
+    def state(precision):
+        m = torch.nn.Linear(2, 2)
+        return TrainState(model=m, optimizer=torch.optim.AdamW(m.parameters()),
+                          scaler=torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=precision == "fp16"))
+
+    ckpt = state(saved).state_dict(rng=[])
+    target = state(resumed)
+    target.load_state_dict(ckpt)
+    if resumed == "fp16":
+        assert target.scaler.get_scale() == 1024.0

@@ -115,7 +115,7 @@ class TrainState:
             self.ema.load_state_dict(ckpt["ema"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scaler is not None:
+        if self.scaler is not None and ckpt.get("scaler"):  # {} from a run without fp16: keep the fresh scale
             self.scaler.load_state_dict(ckpt["scaler"])
         self.schedule = dict(ckpt.get("schedule") or self.schedule)
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
