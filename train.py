@@ -353,6 +353,14 @@ def pick_roi_images(cfg: DictConfig, data: Data, model: nn.Module, info: dist.Di
 
 
 # ---------------------------------------------------------------------------------------------- training
+def set_sampling_grad_scale(model: nn.Module, scale: float) -> None:
+    """The sampling-gradient clamp follows the loss scale (docs/MODEL.md step 4): set it on every
+    SparseFormer inside `model`, e.g. the image model of the frame-averaged video baseline."""
+    for m in model.modules():
+        if hasattr(m, "sampling_grad_scale"):
+            m.sampling_grad_scale = scale
+
+
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
     """One optimizer step on a uint8 batch; returns (the detached loss, the lr it used)."""
     state, model = run.state, run.state.model
@@ -362,8 +370,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
         group["lr"] = lr
     device = run.info.device
     x, target = run.data.train_transform(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-    if hasattr(model, "sampling_grad_scale"):  # the sampling-gradient clamp follows the loss scale (MODEL.md step 4)
-        model.sampling_grad_scale = state.scaler.get_scale() if state.scaler.is_enabled() else 1.0
+    set_sampling_grad_scale(model, state.scaler.get_scale() if state.scaler.is_enabled() else 1.0)
     with autocast(device, run.precision):
         logits = run.ddp_model(x)
     loss = soft_target_cross_entropy(logits, target)

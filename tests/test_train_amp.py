@@ -54,3 +54,13 @@ def test_resume_across_precisions(saved, resumed):
     target.load_state_dict(ckpt)
     if resumed == "fp16":
         assert target.scaler.get_scale() == 1024.0
+
+
+def test_loss_scale_reaches_a_sparseformer_inside_a_wrapper():
+    """The frame-averaged baseline holds its SparseFormer one level down; under fp16 its clamp must follow
+    the loss scale too (else it clamps scaled gradients to +-1/size and the RoIs freeze)."""
+    import model as models
+
+    wrapper = models.create_model("framewise_sparseformer_nano", num_classes=4, in_chans=1)
+    train_script.set_sampling_grad_scale(wrapper, 4096.0)
+    assert wrapper.image_model.sampling_grad_scale == 4096.0
