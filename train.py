@@ -361,8 +361,9 @@ def set_sampling_grad_scale(model: nn.Module, scale: float) -> None:
             m.sampling_grad_scale = scale
 
 
-def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """One optimizer step on a uint8 batch; returns (the detached loss, the lr it used)."""
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> tuple[torch.Tensor, float]:
+    """One optimizer step on a uint8 batch, its loss multiplied by `weight` (0: a rank's stand-in step,
+    see train_one_epoch); returns (the detached loss, the lr it used)."""
     state, model = run.state, run.state.model
     # under trainer.cpu_budget_s the schedule runs at the pace of the budget (it ends when either ends)
     lr = lr_at(max(state.step, round(run.budget_spent * state.schedule["total_steps"])), **state.schedule)
@@ -376,6 +377,8 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     loss = soft_target_cross_entropy(logits, target)
     if hasattr(model, "auxiliary_loss"):  # a model's own extra loss of this forward (A-ViT's ponder + prior)
         loss = loss + model.auxiliary_loss()
+    if weight != 1.0:
+        loss = loss * weight
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     if run.cfg.optim.clip_grad:
@@ -389,6 +392,13 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     return loss.detach(), lr
 
 
+def stand_in_batch(spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """One black uint8 item of the dataset's input shape, class 0: what a DDP rank whose first batch
+    was all undecodable steps on (with zero weight)."""
+    shape = (1, spec.in_chans) + ((spec.frames,) if spec.frames else ()) + (spec.image_size, spec.image_size)
+    return torch.zeros(shape, dtype=torch.uint8), torch.zeros(1, dtype=torch.long)
+
+
 def train_one_epoch(run: Run) -> bool:
     """Train from the sampler position to the end of the epoch (or max_steps), logging every
     log_every_steps and checkpointing every ckpt_every_steps and at the end. Returns whether the
@@ -397,29 +407,39 @@ def train_one_epoch(run: Run) -> bool:
     data.train_sampler.set_epoch(state.epoch, start=state.batch_in_epoch * cfg.data.batch_size)
     bar = tqdm(total=data.steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch}",
                disable=not info.is_main, mininterval=2.0, dynamic_ncols=True)
-    # loss sum, steps, images since the last log line, kept on the device: no host sync per step
-    window, t0 = torch.zeros(3, dtype=torch.float64, device=info.device), time.perf_counter()
-    epoch_skipped = 0
+    # loss sum, steps, images since the last log line and this rank's files skipped this epoch, kept on
+    # the device: no host sync per step
+    window, t0 = torch.zeros(4, dtype=torch.float64, device=info.device), time.perf_counter()
+    epoch_skipped, epoch_steps, last_batch = 0, 0, None
     for x, y, skipped in data.train_loader:
         state.batch_in_epoch += 1
         epoch_skipped += skipped  # an epoch reads each file once: its count is the number of bad files
-        run.train_skipped = max(run.train_skipped, epoch_skipped)
         bar.update(1)
         if x is None:  # every file of the batch was undecodable
-            continue
-        loss, lr = train_step(run, x, y)
-        window[0] += loss
-        window[1] += 1
-        window[2] += len(x)
+            if not info.enabled:
+                continue
+            # Under DDP every rank must take every step (a skipped step would pair this rank's gradient
+            # all-reduce with the others' next step: a hang or diverged replicas). This rank steps with
+            # zero weight on its last batch: it adds nothing to the averaged gradient.
+            loss, lr = train_step(run, *(last_batch or stand_in_batch(data.spec)), weight=0.0)
+        else:
+            last_batch, epoch_steps = (x, y), epoch_steps + 1
+            loss, lr = train_step(run, x, y)
+            window[0] += loss
+            window[1] += 1
+            window[2] += len(x)
         if state.step % cfg.logger.log_every_steps == 0 or state.step == run.max_steps:
-            loss_sum, n_steps, n_images = dist.all_reduce_sum(window, info).tolist()
-            img_s, mean_loss = n_images / (time.perf_counter() - t0), loss_sum / n_steps
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"training loss is {mean_loss} at step {state.step}")
-            run.logger.log({"train/loss": mean_loss, "train/lr": lr, "train/img_s": img_s,
-                            "train/epoch": state.step / data.steps_per_epoch,
-                            "train/skipped_files": run.train_skipped}, state.step)
-            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
+            window[3] = epoch_skipped
+            loss_sum, n_steps, n_images, n_skipped = dist.all_reduce_sum(window, info).tolist()
+            run.train_skipped = max(run.train_skipped, int(n_skipped))  # over all ranks
+            if n_steps:  # (0: every rank took only stand-in steps since the last line)
+                img_s, mean_loss = n_images / (time.perf_counter() - t0), loss_sum / n_steps
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"training loss is {mean_loss} at step {state.step}")
+                run.logger.log({"train/loss": mean_loss, "train/lr": lr, "train/img_s": img_s,
+                                "train/epoch": state.step / data.steps_per_epoch,
+                                "train/skipped_files": run.train_skipped}, state.step)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
             window, t0 = torch.zeros_like(window), time.perf_counter()
         if cfg.trainer.ckpt_every_steps and state.step % cfg.trainer.ckpt_every_steps == 0:
             state.save(run.checkpoint_path, info)
@@ -427,8 +447,11 @@ def train_one_epoch(run: Run) -> bool:
         if state.step >= run.max_steps or run.budget_spent >= 1:
             break
     bar.close()
+    counts = torch.tensor([epoch_skipped, epoch_steps], dtype=torch.float64, device=info.device)
+    epoch_skipped, epoch_steps = (int(v) for v in dist.all_reduce_sum(counts, info).tolist())  # over all ranks
+    run.train_skipped = max(run.train_skipped, epoch_skipped)
     end_of_epoch = state.batch_in_epoch >= data.steps_per_epoch
-    if end_of_epoch and epoch_skipped and epoch_skipped == len(data.train_set) // info.world_size:
+    if end_of_epoch and epoch_skipped and not epoch_steps:
         raise SystemExit(f"no decodable training file under {cfg.data.get('root') or cfg.data._target_}: "
                          f"all {epoch_skipped} files of an epoch were skipped (see the warnings above)")
     if end_of_epoch:

@@ -54,5 +54,32 @@ def test_processes_option_relaunches_under_torchrun_in_one_run_dir(tmp_path):
 
 
 def test_processes_must_be_positive(tmp_path):
-    res = run_train([*TINY_MODEL, *TINY_MNIST, *FAST, "hardware.processes=0"], cwd=tmp_path, timeout=120)
+    res = run_train([*TINY_MODEL, *TINY_MNIST, *FAST, "hardware.processes=0"], cwd=tmp_path, timeout=240)
     assert res.returncode != 0 and "hardware.processes=0" in res.stderr
+
+
+def test_a_rank_whose_batch_is_all_undecodable_still_steps(tmp_path):
+    """Half the training files are corrupt and each rank takes one file a step, so on some steps one rank
+    has nothing to train on while the other has an image. It must still take the step (with zero weight):
+    a rank that skipped it would pair its gradient all-reduce with the other's next step."""
+    from PIL import Image
+
+    root = tmp_path / "im"
+    for split in ("train", "val"):
+        for c in range(2):
+            d = root / split / f"n0{c}"
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), (200 * c, 80, 200 * (1 - c))).save(d / f"{i}.JPEG")
+                if split == "train":
+                    (d / f"bad{i}.JPEG").write_bytes(b"not a jpeg")
+    res = run_train([*TINY_MODEL, *FAST, "data=imagenet", f"data.root={root}", "data.image_size=32",
+                     "data.batch_size=1", "data.eval_batch_size=4", "data.num_workers=0", "data.augment.repeats=1",
+                     "logger.num_roi_images=0", "trainer.epochs=1"], cwd=tmp_path, torchrun=2, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "torchrun").iterdir()
+    log_text = (run_dir / "train.log").read_text()
+    assert "8 undecodable training files were skipped" in log_text, log_text[-2000:]
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 8  # 16 files / 2 ranks, one a step: every step taken on both ranks
+    assert read_run(find_run_files(run_dir)[0])["summary"]["ddp/replica_max_abs_diff"] == 0.0
