@@ -71,7 +71,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        # on a GPU the compiled kernels, except where they cannot run compiled: kernels decorated for the
+        # interpreter (TRITON_INTERPRET=1 at import), or a ROCm build (the kernels target NVIDIA)
+        compiled = device.type == "cuda" and not INTERPRETER_AT_IMPORT and not torch.version.hip
+        return "triton" if compiled else "torch"
+    if backend == "triton" and device.type == "cuda" and torch.version.hip:
+        raise ValueError("backend='triton': the kernels are built and checked for NVIDIA GPUs (their fp32 dot "
+                         "precision and shared-memory table are NVIDIA's); on ROCm use backend='torch'")
     if backend == "triton" and device.type != "cuda":
         if INTERPRETER_AT_IMPORT:
             return backend
@@ -90,6 +96,51 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise RuntimeError("backend='triton' on CUDA tensors, but TRITON_INTERPRET=1 built the kernels for the CPU "
                            "interpreter; unset it to run them compiled")
     return backend
+
+
+def device_guard(device: torch.device):
+    """Context for a kernel launch: Triton launches on the *current* CUDA device and its stream, not on
+    the tensors' device, so make the tensors' device current (tensors on cuda:1 with cuda:0 current
+    would otherwise run on the wrong GPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+_FITTING: dict = {}  # (kernel, target, tensor dtypes, configs) -> the config that fits
+
+
+def launch(kernel, grid, args, configs: list[dict], device: torch.device) -> None:
+    """`kernel[grid](*args, **config)` on `device` (`device_guard`) with the first of `configs` (fastest
+    first, each one kernel's constexprs and launch options) whose build fits the target's shared memory
+    per block. The compiler's own figure decides (it is hard to predict: e.g. fp32 3xTF32 dots stage
+    both halves of each operand), so on a GPU the configs are built in turn until one fits, once per
+    kernel, target and dtypes; under the interpreter (no limit) the first runs. A config trades speed
+    only, never accuracy: none lowers the dot precision. When none fits, a RuntimeError says what
+    each needs and what to change."""
+    tgt = target(device)
+    with device_guard(device):
+        config = configs[0]
+        if len(configs) > 1 and tgt.shared_bytes < _INTERPRETER_TARGET.shared_bytes:
+            key = (getattr(kernel, "__name__", None) or kernel.fn.__name__, tgt,
+                   tuple(a.dtype for a in args if isinstance(a, torch.Tensor)), repr(configs))
+            if key not in _FITTING:
+                _FITTING[key] = _first_fitting(kernel, grid, args, configs, tgt)
+            config = _FITTING[key]
+        kernel[grid](*args, **config)
+
+
+def _first_fitting(kernel, grid, args, configs: list[dict], tgt: Target) -> dict:
+    needs = []
+    for config in configs:
+        shared = int(kernel.warmup(*args, grid=grid, **config).metadata.shared)
+        if shared <= tgt.shared_bytes:
+            return config
+        needs.append(shared)
+    name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+    raise RuntimeError(
+        f"{name}: no launch configuration fits sm_{tgt.arch}'s {tgt.shared_bytes} B of shared memory per block "
+        f"(the {len(configs)} tried need {', '.join(map(str, needs))} B): the tiles grow with the number of "
+        "sampling points and channels; train in bf16/fp16 (hardware precision), use fewer points, or "
+        "backend='torch'")
 
 
 def check_inputs(op: str, **tensors: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ from .mixing import (
     adaptive_mix_reference_backward,
     backward_buffers,
     check_mix_shapes,
-    mix_config,
+    mix_configs,
     mix_flops,
 )
 from .sampling import (
@@ -210,18 +210,22 @@ def check_fused_inputs(features: Tensor, points: Tensor, params: Tensor, channel
                      channel_bias, spatial_bias)
 
 
-def _config(features: Tensor, points: Tensor, params: Tensor, P: int, C: int, backward: bool = False) -> dict:
-    """mix_config, plus the sampling constexprs; the backward's epilogue gathers and scatters 4 (8)
+def _configs(features: Tensor, points: Tensor, params: Tensor, P: int, C: int, backward: bool = False) -> list[dict]:
+    """mix_configs, plus the sampling constexprs; the backward's epilogue gathers and scatters 4 (8)
     corners per point besides the x gradient's block, so it takes 16 channels at a time (with 32, it
     spills on sm_90). The 16-bit 3-D forward runs its K loop unpipelined: pipelined, its 8-corner
     gathers spill 12 B on sm_90 with triton 3.6's ptxas (none with 3.9's; unpipelined, none with either)."""
     is_3d = points.shape[-1] == 3
-    cfg = mix_config(P, C, params.dtype, _backend.target(features.device), backward)
-    if backward:
-        cfg["BLOCK_K"] = min(16, cfg["BLOCK_K"])
-    elif is_3d and params.dtype in (torch.float16, torch.bfloat16):
-        cfg["num_stages"] = 1
-    return dict(COMPUTE=_backend.compute_dtype(features, points), IS_3D=is_3d, **cfg)
+    configs = []
+    for cfg in mix_configs(P, C, params.dtype, _backend.target(features.device), backward):
+        if backward:
+            cfg["BLOCK_K"] = min(16, cfg["BLOCK_K"])
+        elif is_3d and params.dtype in (torch.float16, torch.bfloat16):
+            cfg["num_stages"] = 1
+        cfg = dict(COMPUTE=_backend.compute_dtype(features, points), IS_3D=is_3d, **cfg)
+        if cfg not in configs:
+            configs.append(cfg)
+    return configs
 
 
 def sample_and_mix_fwd(features: Tensor, points: Tensor, params: Tensor, channel_bias: Tensor, spatial_bias: Tensor,
@@ -234,12 +238,11 @@ def sample_and_mix_fwd(features: Tensor, points: Tensor, params: Tensor, channel
     out = _backend.empty_output((B, N, P, C), dtype=params.dtype, device=params.device)
     if out.numel() == 0:
         return out
-    sample_mix_fwd_kernel[(B * N,)](
+    _backend.launch(sample_mix_fwd_kernel, (B * N,), (
         features, points, params, channel_bias, spatial_bias, out,
         T, H, W, C, N, P,
         *map_strides(features), *points.stride(), *params.stride(), *channel_bias.stride(), *spatial_bias.stride(),
-        **_config(features, points, params, P, C),
-    )
+    ), _configs(features, points, params, P, C), features.device)
     return out
 
 
@@ -263,14 +266,14 @@ def sample_and_mix_bwd(grad_out: Tensor, features: Tensor, points: Tensor, param
     d_params = _backend.empty_output((B, N, C * C + P * P), dtype=params.dtype, device=dev)
     dbc, dbs, dh = backward_buffers(B, N, P, C, params.dtype, dev)
     if B * N > 0 and P * C > 0:
-        sample_mix_bwd_kernel[(B * N,)](
+        _backend.launch(sample_mix_bwd_kernel, (B * N,), (
             grad_out, features, points, params, channel_bias, spatial_bias,
             grad_map, d_points, d_params, dbc, dbs, dh,
             T, H, W, C, N, P, *clamp_bits(clamp),
             *grad_out.stride(), *map_strides(features), *points.stride(), *params.stride(),
             *channel_bias.stride(), *spatial_bias.stride(),
-            HAS_CLAMP=clamp is not None, **_config(features, points, params, P, C, backward=True),
-        )
+        ), [{"HAS_CLAMP": clamp is not None, **cfg} for cfg in _configs(features, points, params, P, C, backward=True)],
+            dev)
     return d_points, d_params, dbc.sum(0).to(params.dtype), dbs.sum(0).to(params.dtype)
 
 

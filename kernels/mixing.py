@@ -398,6 +398,18 @@ def mix_config(P: int, C: int, dtype: torch.dtype, target: _backend.Target, back
     )
 
 
+def mix_configs(P: int, C: int, dtype: torch.dtype, target: _backend.Target, backward: bool = False) -> list[dict]:
+    """`mix_config` first, then configs that need less shared memory, for `_backend.launch` to take
+    the first that fits (the tiles hold whole rows of P, so many sampling points can overflow a block:
+    fp32 at P = 81 needs 172 KB on sm_80, whose limit is 163 KB): 16-wide blocks without pipelining,
+    then for fp32 IEEE dots (exact fp32 as 3xTF32 is, but an FMA loop: slower, spills) instead of
+    3xTF32, whose split operands double the staged tiles."""
+    first = mix_config(P, C, dtype, target, backward)
+    small = {**first, "BLOCK_CO": min(16, first["BLOCK_CO"]), "BLOCK_K": min(16, first["BLOCK_K"]), "num_stages": 1}
+    ladder = [first, small, {**small, "DOT_PRECISION": "ieee"}]
+    return [c for i, c in enumerate(ladder) if c not in ladder[:i]]
+
+
 # ----------------------------------------------------------------------------- host wrappers
 def check_mix_shapes(op: str, x: Tensor, params: Tensor, channel_bias: Tensor, spatial_bias: Tensor) -> None:
     if x.dim() != 4:
@@ -419,12 +431,11 @@ def adaptive_mix_fwd(x: Tensor, params: Tensor, channel_bias: Tensor, spatial_bi
     out = _backend.empty_output((B, N, P, C), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    adaptive_mix_fwd_kernel[(B * N,)](
+    _backend.launch(adaptive_mix_fwd_kernel, (B * N,), (
         x, params, channel_bias, spatial_bias, out,
         N, P, C,
         *x.stride(), *params.stride(), *channel_bias.stride(), *spatial_bias.stride(),
-        **mix_config(P, C, x.dtype, _backend.target(x.device)),
-    )
+    ), mix_configs(P, C, x.dtype, _backend.target(x.device)), x.device)
     return out
 
 
@@ -452,13 +463,12 @@ def adaptive_mix_bwd(grad_out: Tensor, x: Tensor, params: Tensor, channel_bias: 
     dparams = _backend.empty_output((B, N, C * C + P * P), dtype=params.dtype, device=dev)
     dbc, dbs, dh = backward_buffers(B, N, P, C, x.dtype, dev)
     if B * N > 0 and P * C > 0:
-        adaptive_mix_bwd_kernel[(B * N,)](
+        _backend.launch(adaptive_mix_bwd_kernel, (B * N,), (
             grad_out, x, params, channel_bias, spatial_bias,
             dx, dparams, dbc, dbs, dh,
             N, P, C,
             *grad_out.stride(), *x.stride(), *params.stride(), *channel_bias.stride(), *spatial_bias.stride(),
-            **mix_config(P, C, x.dtype, _backend.target(dev), backward=True),
-        )
+        ), mix_configs(P, C, x.dtype, _backend.target(dev), backward=True), dev)
     return dx, dparams, dbc.sum(0).to(x.dtype), dbs.sum(0).to(x.dtype)
 
 

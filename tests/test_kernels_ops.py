@@ -241,3 +241,54 @@ def test_interpreter_index_mend(monkeypatch):
     assert backend._mend_interpreter_index()
     interpreter._patch_lang_tensor(Scalar, Scope())
     assert operator.index(Scalar()) == 7 and list(range(0, Scalar(), 3)) == [0, 3, 6]
+
+
+def test_launch_takes_the_first_config_that_fits_the_targets_shared_memory():
+    """`backend.launch` builds the configs in turn on a GPU target and launches the first whose shared
+    memory fits (once per kernel, target and dtypes); under the interpreter it runs the first; when
+    none fits it says what each needed. The compiled figures come from the real compiler on a GPU (and
+    in `kernels.aot`); here a stand-in kernel reports them."""
+    from types import SimpleNamespace
+
+    from kernels import backend as kb
+
+    class Kernel:
+        __name__ = "fake_kernel"
+
+        def __init__(self, shared):
+            self.shared, self.built, self.launched = shared, [], []
+
+        def warmup(self, *args, grid, **config):
+            self.built.append(config["BLOCK"])
+            return SimpleNamespace(metadata=SimpleNamespace(shared=self.shared[config["BLOCK"]]))
+
+        def __getitem__(self, grid):
+            return lambda *args, **config: self.launched.append(config["BLOCK"])
+
+    configs = [{"BLOCK": 64}, {"BLOCK": 32}, {"BLOCK": 16}]
+    args = (torch.zeros(1, dtype=torch.float32), 3)
+    k = Kernel({64: 200_000, 32: 120_000, 16: 40_000})
+    kb.launch(k, (1,), args, configs, torch.device("cpu"))  # the interpreter: no limit, nothing built
+    assert k.built == [] and k.launched == [64]
+    kb._FITTING.clear()
+    with kb.use_target(kb.target_for_arch(80)):  # 163 KB
+        kb.launch(k, (1,), args, configs, torch.device("cpu"))
+        kb.launch(k, (1,), args, configs, torch.device("cpu"))
+    assert k.built == [64, 32] and k.launched == [64, 32, 32]  # the choice is kept: built once
+    with kb.use_target(kb.target_for_arch(86)), pytest.raises(RuntimeError, match=r"fits sm_86's 101376 B .* "
+                                                                                  r"need 200000, 120000 B"):
+        kb.launch(Kernel({64: 200_000, 32: 120_000}), (1,), args, configs[:2], torch.device("cpu"))
+    kb._FITTING.clear()
+
+
+def test_mix_configs_end_with_ieee_dots_and_lower_nothing():
+    """The mixing kernels' fallback configs free shared memory by smaller blocks, no pipelining and, for
+    fp32, IEEE dots instead of 3xTF32; none is less accurate than the first, none repeats."""
+    from kernels import backend as kb
+    from kernels.mixing import mix_configs
+
+    for dtype in (torch.float32, torch.bfloat16):
+        configs = mix_configs(81, 16, dtype, kb.target_for_arch(80), backward=True)
+        assert configs[-1]["DOT_PRECISION"] == "ieee" and configs[-1]["num_stages"] == 1
+        assert all(c["DOT_PRECISION"] in ("ieee", configs[0]["DOT_PRECISION"]) for c in configs)
+        assert len({repr(c) for c in configs}) == len(configs)

@@ -295,9 +295,22 @@ def test_feature_map_accumulates_every_step_into_one_buffer(device, monkeypatch,
 
 
 def test_backend_dispatch(monkeypatch):
-    assert kernels.resolve_backend("auto", torch.device("cuda")) == "triton"
+    cuda = torch.device("cuda")
     assert kernels.resolve_backend("auto", torch.device("cpu")) == "torch"
+    # auto on a GPU: the compiled kernels; not kernels decorated for the interpreter (they would copy
+    # every tensor to the host), nor on ROCm (the kernels target NVIDIA), where an explicit ask fails
+    monkeypatch.setattr(kbackend, "INTERPRETER_AT_IMPORT", True)
+    assert kernels.resolve_backend("auto", cuda) == "torch"
     monkeypatch.setattr(kbackend, "INTERPRETER_AT_IMPORT", False)
+    assert kernels.resolve_backend("auto", cuda) == "triton"
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert kernels.resolve_backend("auto", cuda) == "torch"
+    with pytest.raises(ValueError, match="on ROCm use backend='torch'"):
+        kernels.resolve_backend("triton", cuda)
+    monkeypatch.setattr(torch.version, "hip", None)
+    # launches made current on the tensors' GPU (Triton launches on the current device otherwise)
+    guard = kbackend.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA"):
         kernels.resolve_backend("triton", torch.device("cpu"))
