@@ -83,3 +83,17 @@ def test_a_rank_whose_batch_is_all_undecodable_still_steps(tmp_path):
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 8  # 16 files / 2 ranks, one a step: every step taken on both ranks
     assert read_run(find_run_files(run_dir)[0])["summary"]["ddp/replica_max_abs_diff"] == 0.0
+
+
+def test_each_process_takes_its_gpu_or_the_only_one_it_sees():
+    """torchrun: local rank r takes GPU r; a scheduler that hides all but one GPU per task (Slurm
+    --gpus-per-task=1) leaves each process cuda:0 whatever its local rank; more ranks than GPUs is a
+    one-line error instead of CUDA's 'invalid device ordinal'."""
+    import pytest
+
+    from training.dist import cuda_index
+
+    assert [cuda_index(r, 8) for r in (0, 3, 7)] == [0, 3, 7]
+    assert cuda_index(3, 1) == 0
+    with pytest.raises(RuntimeError, match="local rank 4 but only 2 CUDA devices"):
+        cuda_index(4, 2)

@@ -34,6 +34,17 @@ def _slurm_env() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The GPU of this process: its local rank among the visible GPUs, or the only one it sees (a
+    scheduler that gives each task its own GPU, e.g. Slurm's --gpus-per-task=1, hides the others)."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise RuntimeError(f"local rank {local_rank} but only {visible} CUDA devices are visible to this process: "
+                           "start at most one process per visible GPU (torchrun --nproc_per_node)")
+    return local_rank
+
+
 def setup(device: str, backend: str) -> DistInfo:
     _slurm_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -41,8 +52,8 @@ def setup(device: str, backend: str) -> DistInfo:
     if device == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("hardware.device=cuda but CUDA is not available; use hardware=cpu")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        dev = torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
     if world > 1:
