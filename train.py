@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import signal
@@ -420,10 +419,10 @@ def train_one_epoch(run: Run) -> bool:
     data.train_sampler.set_epoch(state.epoch, start=state.batch_in_epoch * cfg.data.batch_size)
     bar = tqdm(total=data.steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch}",
                disable=not info.is_main, mininterval=2.0, dynamic_ncols=True)
-    # loss sum, steps, images since the last log line and this rank's files skipped this epoch, kept on
-    # the device: no host sync per step
-    window, t0 = torch.zeros(4, dtype=torch.float64, device=info.device), time.perf_counter()
-    epoch_skipped, epoch_steps, last_batch = 0, 0, None
+    # since the last log line: the sum of the finite losses, their steps, images, this rank's files
+    # skipped this epoch, steps with a non-finite loss; kept on the device: no host sync per step
+    window, t0 = torch.zeros(5, dtype=torch.float64, device=info.device), time.perf_counter()
+    epoch_skipped, epoch_steps, last_batch, bad_streak = 0, 0, None, 0
     for x, y, skipped in data.train_loader:
         state.batch_in_epoch += 1
         epoch_skipped += skipped  # an epoch reads each file once: its count is the number of bad files
@@ -438,21 +437,31 @@ def train_one_epoch(run: Run) -> bool:
         else:
             last_batch, epoch_steps = (x, y), epoch_steps + 1
             loss, lr = train_step(run, x, y)
-            window[0] += loss
-            window[1] += 1
+            finite = torch.isfinite(loss)
+            window[0] += torch.where(finite, loss, 0.0)
+            window[1] += finite
             window[2] += len(x)
+            window[4] += ~finite
         if state.step % cfg.logger.log_every_steps == 0 or state.step == run.max_steps:
             window[3] = epoch_skipped
-            loss_sum, n_steps, n_images, n_skipped = dist.all_reduce_sum(window, info).tolist()
+            loss_sum, n_steps, n_images, n_skipped, n_bad = dist.all_reduce_sum(window, info).tolist()
             run.train_skipped = max(run.train_skipped, int(n_skipped))  # over all ranks
-            if n_steps:  # (0: every rank took only stand-in steps since the last line)
-                img_s, mean_loss = n_images / (time.perf_counter() - t0), loss_sum / n_steps
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"training loss is {mean_loss} at step {state.step}")
-                run.logger.log({"train/loss": mean_loss, "train/lr": lr, "train/img_s": img_s,
+            # fp16: a forward that overflows on one batch is a step the GradScaler skips (inf gradients),
+            # so the run goes on unless every step overflows (10 in a row on each rank); without a scaler
+            # the weights take the NaN at once
+            bad_streak = 0 if n_steps else bad_streak + n_bad
+            if n_bad and (not state.scaler.is_enabled() or bad_streak >= 10 * info.world_size):
+                raise FloatingPointError(f"training loss is not finite at step {state.step} ({int(n_bad)} of the "
+                                         f"{int(n_bad + n_steps)} rank-steps since the last log line)")
+            if n_steps or n_bad:  # (neither: every rank took only stand-in steps since the last line)
+                img_s = n_images / (time.perf_counter() - t0)
+                mean = {"train/loss": loss_sum / n_steps} if n_steps else {}  # of the finite losses
+                run.logger.log({**mean, "train/lr": lr, "train/img_s": img_s,
                                 "train/epoch": state.step / data.steps_per_epoch,
-                                "train/skipped_files": run.train_skipped}, state.step)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{img_s:.0f}")
+                                "train/skipped_files": run.train_skipped, "train/nonfinite_steps": n_bad},
+                               state.step)
+                bar.set_postfix(loss=f"{loss_sum / n_steps:.3f}" if n_steps else "inf", lr=f"{lr:.2e}",
+                                img_s=f"{img_s:.0f}")
             window, t0 = torch.zeros_like(window), time.perf_counter()
         if cfg.trainer.ckpt_every_steps and state.step % cfg.trainer.ckpt_every_steps == 0:
             state.save(run.checkpoint_path, info)

@@ -64,3 +64,31 @@ def test_loss_scale_reaches_a_sparseformer_inside_a_wrapper():
     wrapper = models.create_model("framewise_sparseformer_nano", num_classes=4, in_chans=1)
     train_script.set_sampling_grad_scale(wrapper, 4096.0)
     assert wrapper.image_model.sampling_grad_scale == 4096.0
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_one_overflowing_step(precision, tmp_path, monkeypatch):
+    """A forward that overflows on one batch: under fp16 the GradScaler skips that step and the run goes
+    on (the step is counted in train/nonfinite_steps); without a scaler the weights take the NaN, so the
+    run stops with the step named."""
+    real, calls = train_script.soft_target_cross_entropy, []
+
+    def overflow_once(logits, target):
+        calls.append(1)
+        loss = real(logits, target)
+        return loss * float("inf") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(train_script, "soft_target_cross_entropy", overflow_once)
+    cfg = compose_cfg([*TINY_MODEL, *TINY_MNIST, *FAST, f"hardware.precision={precision}", "trainer.epochs=1",
+                       "logger.mode=disabled", "logger.num_roi_images=0", f"run_dir={tmp_path}"])
+    if precision == "fp32":
+        with pytest.raises(FloatingPointError, match="not finite at step 2 .1 of the 1 rank-steps"):
+            train_script.train(cfg, tmp_path)
+        return
+    train_script.train(cfg, tmp_path)
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+            if "train/nonfinite_steps" in line]
+    assert [r["train/nonfinite_steps"] for r in logs] == [0, 1, 0, 0]
+    assert ["train/loss" in r for r in logs] == [True, False, True, True]
+    assert all(math.isfinite(r["train/loss"]) for r in logs if "train/loss" in r)
+    assert json.loads((tmp_path / "result.json").read_text())["step"] == 4
