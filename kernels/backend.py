@@ -131,7 +131,9 @@ def launch(kernel, grid, args, configs: list[dict], device: torch.device) -> Non
 def _first_fitting(kernel, grid, args, configs: list[dict], tgt: Target) -> dict:
     needs = []
     for config in configs:
-        shared = int(kernel.warmup(*args, grid=grid, **config).metadata.shared)
+        compiled = kernel.warmup(*args, grid=grid, **config)  # a build, no launch (nor the launch-time limit check)
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled  # triton's async compile mode
+        shared = int(compiled.metadata.shared)
         if shared <= tgt.shared_bytes:
             return config
         needs.append(shared)
