@@ -216,6 +216,9 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
         logging.getLogger().setLevel(logging.WARNING)
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
+    # fp32 matmuls (and the Triton kernels' fp32 dots, kernels.backend.dot_precision): full fp32 unless
+    # the run opts into TF32 ("high"/"medium")
+    torch.set_float32_matmul_precision(cfg.hardware.matmul_precision)
     run_dir = Path(dist.broadcast_object(str(run_dir), info))  # rank 0's folder for all ranks
     if info.is_main:  # one owner per run folder; its leftovers from a killed write go
         lifecycle.lock_run_dir(run_dir)

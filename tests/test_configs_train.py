@@ -226,6 +226,7 @@ def test_slurm_launcher_config_composes():
     ("trainer.resume=/nonexistent/last.pt", "trainer.resume"),
     ("logger.mode=sometimes", "logger.mode"),
     ("hardware.precision=fp8", "hardware.precision"),
+    ("hardware.matmul_precision=tf32", "hardware.matmul_precision"),
     ("trainer.eval_only=true", "trainer.eval_only"),
     ("data.canvas_size=20", "data.canvas_size"),
     ("+data.canvas=64", "data.canvas"),

@@ -92,3 +92,16 @@ def test_one_overflowing_step(precision, tmp_path, monkeypatch):
     assert ["train/loss" in r for r in logs] == [True, False, True, True]
     assert all(math.isfinite(r["train/loss"]) for r in logs if "train/loss" in r)
     assert json.loads((tmp_path / "result.json").read_text())["step"] == 4
+
+
+def test_matmul_precision_is_the_runs_choice(tmp_path):
+    """hardware.matmul_precision sets torch's fp32 matmul precision for the run (TF32 opt-in on GPUs;
+    the Triton kernels' fp32 dots follow it too)."""
+    before = torch.get_float32_matmul_precision()
+    try:
+        cfg = compose_cfg([*TINY_MODEL, *TINY_MNIST, *FAST, "hardware.matmul_precision=high", "trainer.max_steps=1",
+                           "logger.mode=disabled", "logger.num_roi_images=0", f"run_dir={tmp_path}"])
+        train_script.train(cfg, tmp_path)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -133,6 +133,8 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "hardware.dist_backend", lambda v: v in ("auto", "gloo", "nccl"), "must be auto, gloo or nccl")
     if cfg.hardware.device == "cpu" and cfg.hardware.dist_backend == "nccl":
         raise ConfigError("hardware.dist_backend='nccl': NCCL needs CUDA; use gloo with hardware.device=cpu")
+    _check(cfg, "hardware.matmul_precision", lambda v: v in ("highest", "high", "medium"),
+           "must be highest (full fp32), high or medium (TF32 on GPUs that have it)")
     _check(cfg, "hardware.num_threads", lambda v: v is None or (_int(v) and v > 0), "must be null or > 0")
     _check(cfg, "hardware.processes", lambda v: _int(v) and v > 0, "must be a positive integer (local processes)")
     _check(cfg, "logger.mode", lambda v: v in ("offline", "online", "disabled"), "must be offline, online or disabled")
