@@ -120,12 +120,18 @@ def launch(kernel, grid, args, configs: list[dict], device: torch.device) -> Non
     with device_guard(device):
         config = configs[0]
         if len(configs) > 1 and tgt.shared_bytes < _INTERPRETER_TARGET.shared_bytes:
-            key = (getattr(kernel, "__name__", None) or kernel.fn.__name__, tgt,
+            key = (_kernel_name(kernel), tgt,
                    tuple(a.dtype for a in args if isinstance(a, torch.Tensor)), repr(configs))
             if key not in _FITTING:
                 _FITTING[key] = _first_fitting(kernel, grid, args, configs, tgt)
             config = _FITTING[key]
         kernel[grid](*args, **config)
+
+
+def _kernel_name(kernel) -> str:
+    """A @triton.jit kernel's name (or a stand-in's: kernels.aot's, the tests')."""
+    inner = getattr(kernel, "fn", None)
+    return getattr(kernel, "__name__", None) or getattr(inner, "__name__", None) or type(kernel).__name__
 
 
 def _first_fitting(kernel, grid, args, configs: list[dict], tgt: Target) -> dict:
@@ -137,12 +143,11 @@ def _first_fitting(kernel, grid, args, configs: list[dict], tgt: Target) -> dict
         if shared <= tgt.shared_bytes:
             return config
         needs.append(shared)
-    name = getattr(kernel, "__name__", None) or kernel.fn.__name__
     raise RuntimeError(
-        f"{name}: no launch configuration fits sm_{tgt.arch}'s {tgt.shared_bytes} B of shared memory per block "
-        f"(the {len(configs)} tried need {', '.join(map(str, needs))} B): the tiles grow with the number of "
-        "sampling points and channels; train in bf16/fp16 (hardware precision), use fewer points, or "
-        "backend='torch'")
+        f"{_kernel_name(kernel)}: no launch configuration fits sm_{tgt.arch}'s {tgt.shared_bytes} B of shared "
+        f"memory per block (the {len(configs)} tried need {', '.join(map(str, needs))} B): the tiles grow with "
+        "the number of sampling points and channels; train in bf16/fp16 (hardware precision), use fewer points, "
+        "or backend='torch'")
 
 
 def check_inputs(op: str, **tensors: torch.Tensor) -> None:

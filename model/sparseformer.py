@@ -10,6 +10,7 @@ Tensors are batch-first inside this file: tokens (B, N, d), RoIs (B, N, 4), poin
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -49,15 +50,22 @@ def drop_path(x: Tensor, drop_prob: float, training: bool) -> Tensor:
 class _Recompute(torch.autograd.Function):
     """y = fn(x) keeping only x (and the parameters, passed in so that their gradients reach
     autograd and DDP's hooks as usual) for backward, where fn runs again under the forward's
-    autocast state and RNG state (so drop-path masks repeat)."""
+    autocast state and, when fn draws random numbers (`random`), its RNG state (so drop-path masks
+    repeat). A deterministic fn (the stem) touches no RNG state: CUDA's generator refuses to be read
+    inside a CUDA-graph capture, so such a region can be captured."""
 
     @staticmethod
-    def forward(ctx, fn, x: Tensor, *params: Tensor):
-        ctx.fn, ctx.device = fn, x.device
+    def forward(ctx, fn, random: bool, x: Tensor, *params: Tensor):
+        ctx.fn, ctx.device, ctx.random = fn, x.device, random
         kind = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if kind == "cuda" else None
+        if random:
+            if kind == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("a recomputed block with stochastic depth cannot be captured in a CUDA graph "
+                                   "(its RNG state cannot be saved during capture): set checkpoint_cortex=False "
+                                   "or drop_path_rate=0 to capture it")
+            ctx.cpu_rng = torch.get_rng_state()
+            ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if kind == "cuda" else None
         ctx.save_for_backward(x, *params)
         return fn(x)
 
@@ -65,22 +73,26 @@ class _Recompute(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, *params = ctx.saved_tensors
         kind = ctx.device.type
-        with torch.random.fork_rng(devices=[ctx.device] if kind == "cuda" else [], device_type="cuda"):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+        with contextlib.ExitStack() as stack:
+            if ctx.random:
+                stack.enter_context(torch.random.fork_rng(devices=[ctx.device] if kind == "cuda" else [],
+                                                          device_type="cuda"))
+                torch.set_rng_state(ctx.cpu_rng)
+                if ctx.cuda_rng is not None:
+                    torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
             enabled, dtype = ctx.autocast
             with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
-                x_in = x.detach().requires_grad_(ctx.needs_input_grad[1])
+                x_in = x.detach().requires_grad_(ctx.needs_input_grad[2])
                 y = ctx.fn(x_in)
-        wanted = [t for t, need in zip([x_in, *params], ctx.needs_input_grad[1:], strict=True) if need]
+        wanted = [t for t, need in zip([x_in, *params], ctx.needs_input_grad[2:], strict=True) if need]
         grads = iter(torch.autograd.grad(y, wanted, grad, allow_unused=True))
-        return (None, *[next(grads) if need else None for need in ctx.needs_input_grad[1:]])
+        return (None, None, *[next(grads) if need else None for need in ctx.needs_input_grad[2:]])
 
 
-def recompute(fn, x: Tensor, params: list[Tensor]) -> Tensor:
-    """fn(x) whose activations are recomputed in backward instead of kept (x (B, ...) -> fn's output)."""
-    return _Recompute.apply(fn, x, *params)
+def recompute(fn, x: Tensor, params: list[Tensor], random: bool = True) -> Tensor:
+    """fn(x) whose activations are recomputed in backward instead of kept (x (B, ...) -> fn's output);
+    `random=False` for an fn that draws no random numbers (its RNG state is then not saved)."""
+    return _Recompute.apply(fn, random, x, *params)
 
 
 # ----------------------------------------------------------------------------- early convolution
@@ -560,7 +572,7 @@ class SparseFormer(nn.Module):
         if again == "auto":
             again = resolve_backend(self.backend, x.device) == "triton"
         if again and torch.is_grad_enabled():
-            return recompute(self.stem, x, list(self.stem.parameters()))
+            return recompute(self.stem, x, list(self.stem.parameters()), random=False)
         return self.stem(x)
 
     def forward(self, x: Tensor, return_aux: bool = False) -> Tensor | SparseFormerOutput:
@@ -586,7 +598,8 @@ class SparseFormer(nn.Module):
                 all_rois.append(rois)
                 all_points.append(points)
             elif self.checkpoint_cortex and torch.is_grad_enabled():
-                tokens = recompute(functools.partial(block, drop_prob=rate), tokens, list(block.parameters()))
+                tokens = recompute(functools.partial(block, drop_prob=rate), tokens, list(block.parameters()),
+                                   random=self.training and rate > 0)
             else:
                 tokens = block(tokens, rate)
         logits = self.head(tokens)

@@ -11,6 +11,23 @@ import torch
 
 from kernels import backend as kbackend
 
+try:  # the property tests' engine; a GPU machine's own python may lack it: then only they skip
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:
+    def given(**_):
+        return pytest.mark.skip(reason="hypothesis is not installed")
+
+    def settings(**_):
+        return lambda fn: fn
+
+    class st:  # noqa: N801 (stands in for the hypothesis.strategies module)
+        @staticmethod
+        def integers(*_, **__):
+            return None
+
+        sampled_from = integers
+
 # norm-wise relative error bounds against float64 (docs/KERNELS.md, "Tolerances"); fp32 dots are
 # pinned to IEEE in these tests (`pin_fp32_matmul`), so the exact-dot fp32 bound holds on GPUs too
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -83,7 +100,12 @@ def launch_one_program_too_few(monkeypatch, module, kernel_name: str) -> None:
     """Replace `module.kernel_name` so every launch drops its last program along grid axis 0."""
     real = getattr(module, kernel_name)
 
-    class ShortGrid:
+    class ShortGrid:  # builds as the real kernel does (kernels.backend.launch asks on a GPU), launches short
+        __name__ = real.__name__
+
+        def warmup(self, *args, grid, **kwargs):
+            return real.warmup(*args, grid=grid, **kwargs)
+
         def __getitem__(self, grid):
             return real[(grid[0] - 1,)]
 
@@ -94,6 +116,9 @@ def break_kernels(monkeypatch, module, *kernel_names: str) -> None:
     """Replace each `module.<kernel_name>` by one whose every launch raises RuntimeError("kernel exploded")."""
 
     class Broken:
+        def warmup(self, *args, **kwargs):  # a GPU's launch builds the configs first (kernels.backend.launch)
+            raise RuntimeError("kernel exploded")
+
         def __getitem__(self, grid):
             raise RuntimeError("kernel exploded")
 

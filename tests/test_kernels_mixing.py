@@ -1,15 +1,16 @@
 """Mixing kernel (Triton: the interpreter on CPU, compiled on a GPU) against the float64 PyTorch reference."""
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from kernel_helpers import (
     TOL,
     assert_close,
     break_kernels,
+    given,
     kernel_devices,
     launch_one_program_too_few,
+    settings,
+    st,
     to64,
 )
 from kernels import mixing

@@ -199,11 +199,17 @@ def test_validate_runs_its_cpu_subset(tmp_path):
     assert all(c["ok"] for c in sections["correctness"]["checks"])
 
 
-def test_kernel_tests_import_without_the_training_stack():
+@pytest.mark.parametrize("hypothesis", [True, False], ids=["with_hypothesis", "without_hypothesis"])
+def test_kernel_tests_import_without_the_training_stack(hypothesis):
     """The gpu-marked kernel tests (`pytest -m gpu tests/test_kernels_*.py` on a GPU machine's own
-    python) import with none of the training stack importable: only pytest and hypothesis besides."""
+    python) import with none of the training stack importable, and without hypothesis too (only the
+    property tests then skip): pytest, torch, triton and numpy suffice."""
     modules = sorted(p.stem for p in (REPO / "tests").glob("test_kernels_*.py"))
-    code = f"{_WITHOUT_TRAINING_STACK}; import conftest; " + "; ".join(f"import {m}" for m in modules)
+    blocked = TRAINING_STACK if hypothesis else TRAINING_STACK + ("hypothesis", "hypothesis.strategies")
+    block = f"import sys; sys.modules.update(dict.fromkeys({blocked!r}))"
+    code = f"{block}; import conftest; " + "; ".join(f"import {m}" for m in modules)
+    if not hypothesis:
+        code += "; import test_kernels_sampling as t; assert t.test_random_shapes.pytestmark[0].name == 'skip'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=REPO / "tests", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -5,8 +5,6 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import kernels
 from kernel_helpers import (
@@ -14,7 +12,10 @@ from kernel_helpers import (
     assert_close,
     assert_same_nans_and_close,
     break_kernels,
+    given,
     launch_one_program_too_few,
+    settings,
+    st,
     to64,
 )
 from kernels import FeatureMap, sampling
@@ -173,6 +174,7 @@ def test_gradcheck_float64(device, D):
     assert torch.autograd.gradcheck(
         lambda f, p: sparse_sample(f, p, backend="triton"),
         (features.requires_grad_(True), points.requires_grad_(True)), fast_mode=True,
+        nondet_tol=1e-12,  # the map gradient's fp64 atomics add in any order on a GPU: last-bit differences
     )
 
 

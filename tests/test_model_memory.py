@@ -41,6 +41,22 @@ def test_options_change_memory_not_numbers(option, in_chans):
     assert_same(grads_of(other, x), grads_of(plain, x))
 
 
+def test_deterministic_recompute_touches_no_rng_state(monkeypatch):
+    """The stem (and cortex blocks without stochastic depth) recompute without saving or restoring any
+    RNG state: CUDA's generator refuses to be read during a CUDA-graph capture, so only regions that
+    draw random numbers may read it (grads_of above checks that those replay their masks)."""
+    m = model.create_model("sparseformer_nano", **TINY, backend="torch", recompute_stem=True, checkpoint_cortex=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("RNG state read or written")
+
+    for name in ("get_rng_state", "set_rng_state"):
+        monkeypatch.setattr(torch, name, refuse)
+    monkeypatch.setattr(torch.random, "fork_rng", refuse)
+    m(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in m.stem.parameters())
+
+
 def test_triton_path_fuses_by_default(monkeypatch):
     """fused_sample_mix="auto": the 5 sampling steps run the fused op on the Triton backend only."""
     import kernels.fused as fused_mod
