@@ -109,11 +109,12 @@ _FITTING: dict = {}  # (kernel, target, tensor dtypes, configs) -> the config th
 
 
 def launch(kernel, grid, args, configs: list[dict], device: torch.device) -> None:
-    """`kernel[grid](*args, **config)` on `device` (`device_guard`) with the first of `configs` (fastest
-    first, each one kernel's constexprs and launch options) whose build fits the target's shared memory
-    per block. The compiler's own figure decides (it is hard to predict: e.g. fp32 3xTF32 dots stage
-    both halves of each operand), so on a GPU the configs are built in turn until one fits, once per
-    kernel, target and dtypes; under the interpreter (no limit) the first runs. A config trades speed
+    """Every kernel launch of the host wrappers: `kernel[grid](*args, **config)` on `device`
+    (`device_guard`) with the first of `configs` (fastest first, each one kernel's constexprs and launch
+    options; the sampling kernels have one) whose build fits the target's shared memory per block. The
+    compiler's own figure decides (it is hard to predict: e.g. fp32 3xTF32 dots stage both halves of
+    each operand), so on a GPU the configs are built in turn until one fits, once per kernel, target
+    and dtypes; under the interpreter (no limit) the first runs. A config trades speed
     only, never accuracy: none lowers the dot precision. When none fits, a RuntimeError says what
     each needs and what to change."""
     tgt = target(device)

@@ -358,14 +358,12 @@ def sparse_sample_fwd(features: Tensor, points: Tensor, backend: str) -> Tensor:
         return out
     block_q, block_c, warps = _sample_blocks(C, D == 3)
     num_q_blocks = triton.cdiv(N * P, block_q)
-    with _backend.device_guard(features.device):
-        sparse_sample_fwd_kernel[(B * num_q_blocks,)](
-            features, points, out,
-            T, H, W, C, N, P, num_q_blocks,
-            *map_strides(features), *points.stride(),
-            COMPUTE=_backend.compute_dtype(features, points), IS_3D=D == 3, BLOCK_Q=block_q, BLOCK_C=block_c,
-            num_warps=warps,
-        )
+    _backend.launch(sparse_sample_fwd_kernel, (B * num_q_blocks,), (
+        features, points, out,
+        T, H, W, C, N, P, num_q_blocks,
+        *map_strides(features), *points.stride(),
+    ), [dict(COMPUTE=_backend.compute_dtype(features, points), IS_3D=D == 3, BLOCK_Q=block_q, BLOCK_C=block_c,
+             num_warps=warps)], features.device)
     return out
 
 
@@ -396,14 +394,12 @@ def sparse_sample_bwd(grad_out: Tensor, features: Tensor, points: Tensor, grad_m
         return grad_p.zero_() if C == 0 else grad_p
     block_q, block_c, warps = _sample_blocks(C, D == 3)
     num_q_blocks = triton.cdiv(N * P, block_q)
-    with _backend.device_guard(grad_out.device):
-        sparse_sample_bwd_kernel[(B * num_q_blocks,)](
-            grad_out, features, points, grad_map, grad_p,
-            T, H, W, C, N, P, num_q_blocks, *clamp_bits(clamp),
-            *grad_out.stride(), *map_strides(features), *points.stride(),
-            HAS_CLAMP=clamp is not None, COMPUTE=_backend.compute_dtype(features, points), IS_3D=D == 3,
-            BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=warps,
-        )
+    _backend.launch(sparse_sample_bwd_kernel, (B * num_q_blocks,), (
+        grad_out, features, points, grad_map, grad_p,
+        T, H, W, C, N, P, num_q_blocks, *clamp_bits(clamp),
+        *grad_out.stride(), *map_strides(features), *points.stride(),
+    ), [dict(HAS_CLAMP=clamp is not None, COMPUTE=_backend.compute_dtype(features, points), IS_3D=D == 3,
+             BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=warps)], grad_out.device)
     return grad_p
 
 
