@@ -218,7 +218,9 @@ def build_all(arch: int = 90, dtypes=tuple(DTYPES), ndims=(2, 3), P: int = 36, C
                             raise
                         failures.append(f"sm_{arch} {dt} {ndim}d: {e}")
             for name, kernel, kwargs in sink:
-                rows.append(kernel_facts(name, kernel, arch, dt, f"{ndim}d", kwargs.get("num_warps", 4)))
+                row = kernel_facts(name, kernel, arch, dt, f"{ndim}d", kwargs.get("num_warps", 4))
+                row["dot"] = kwargs.get("DOT_PRECISION", "-")  # the chosen config's (backend.launch)
+                rows.append(row)
     return rows
 
 
@@ -227,6 +229,7 @@ def format_rows(rows: list[dict]) -> str:
     for r in rows:
         flag = "" if r["ok"] else "  <-- " + ("over the shared-memory limit" if not r["fits"] else "16-bit spills")
         lines.append(f"{r['arch']:6s} {r['kernel']:26s} {r['variant']} {r['dtype']:5s} warps={r['num_warps']} "
+                     f"dot={r.get('dot', '-'):6s} "
                      f"regs={r['registers']:3d} spill={r['spill_bytes']:5d} B shared={r['shared_bytes']:6d}/"
                      f"{r['shared_limit']} B atomics: red={r['red']} atomg={r['atomg']} "
                      f"gpu-fences={r['membar_gpu']}{flag}")

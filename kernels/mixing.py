@@ -401,9 +401,9 @@ def mix_config(P: int, C: int, dtype: torch.dtype, target: _backend.Target, back
 def mix_configs(P: int, C: int, dtype: torch.dtype, target: _backend.Target, backward: bool = False) -> list[dict]:
     """`mix_config` first, then configs that need less shared memory, for `_backend.launch` to take
     the first that fits (the tiles hold whole rows of P, so many sampling points can overflow a block:
-    fp32 at P = 81 needs 172 KB on sm_80, whose limit is 163 KB): 16-wide blocks without pipelining,
-    then for fp32 IEEE dots (exact fp32 as 3xTF32 is, but an FMA loop: slower, spills) instead of
-    3xTF32, whose split operands double the staged tiles."""
+    the fp32 backward at P = 81, C = 16 fits sm_80 only with the last, docs/KERNELS.md): 16-wide blocks
+    without pipelining, then for fp32 IEEE dots (exact fp32 as 3xTF32 is, but an FMA loop: slower,
+    spills) instead of 3xTF32, whose split operands double the staged tiles."""
     first = mix_config(P, C, dtype, target, backward)
     small = {**first, "BLOCK_CO": min(16, first["BLOCK_CO"]), "BLOCK_K": min(16, first["BLOCK_K"]), "num_stages": 1}
     ladder = [first, small, {**small, "DOT_PRECISION": "ieee"}]
