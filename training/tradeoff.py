@@ -45,10 +45,12 @@ COLUMNS = ["model", "setting", "top1", "throughput_img_s", "latency_ms", "params
 
 @dataclass
 class Trained:
-    """One trained model: its run dir, the train.py config it was trained with, result.json and CPU-seconds."""
+    """One trained model: its run dir and last checkpoint, the train.py config it was trained with,
+    result.json and CPU-seconds."""
 
     key: str
     run_dir: Path
+    checkpoint: Path
     config: dict
     result: dict
     cpu_s: float | None  # the train.py process tree's CPU time (None when reused)
@@ -92,8 +94,9 @@ def finished_run(key: str, run_dir: Path) -> Path:
 
 
 def load_trained(key: str, run_dir: Path, cpu_s: float | None) -> Trained:
-    config = ckpt.load(finished_run(key, run_dir))["config"]  # weights-only, as every checkpoint read
-    return Trained(key, run_dir, config, json.loads((run_dir / "result.json").read_text()), cpu_s)
+    last = finished_run(key, run_dir)
+    config = ckpt.load(last)["config"]  # weights-only, as every checkpoint read
+    return Trained(key, run_dir, last, config, json.loads((run_dir / "result.json").read_text()), cpu_s)
 
 
 def train_all(cfg: DictConfig, run_dir: Path) -> dict[str, Trained]:
@@ -152,7 +155,7 @@ def build_trained_model(trained: Trained, **overrides) -> nn.Module:
     model_cfg = OmegaConf.create(trained.config["model"])
     model_cfg.pretrained = False
     model = hydra.utils.instantiate(model_cfg, **overrides)
-    state = ckpt.load(trained.run_dir / "checkpoints" / ckpt.LAST)
+    state = ckpt.load(trained.checkpoint)
     model.load_state_dict(state["model"])
     return model.eval()
 
