@@ -221,3 +221,22 @@ def test_imagenet_path_skips_and_counts_the_corrupt_file(tmp_path, caplog):
     assert [m for m in metrics if "val/top1" in m][-1]["val/skipped_files"] == 1
     assert [m for m in metrics if "train/skipped_files" in m][-1]["train/skipped_files"] == 1
     assert "broken.JPEG" in caplog.text and "1 undecodable training files were skipped" in caplog.text
+
+
+def test_eval_throughput_is_the_forward_not_the_loader():
+    """The accuracy-vs-throughput axis (`img_s`) times the model's forward only; a slow loader (JPEG
+    decoding on a GPU machine) shows in `img_s_wall`, not in it."""
+    import time
+
+    import train as train_script
+    from training.dist import DistInfo
+
+    def slow_loader():
+        for _ in range(3):
+            time.sleep(0.2)  # a loader that takes far longer than the forward
+            yield torch.zeros(8, 1, 4, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.long), 0
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    res = train_script.evaluate(model, slow_loader(), lambda x, y: (x.float(), y), DistInfo(), "fp32")
+    assert res["n"] == 24 and res["img_s_wall"] < 24 / 0.6
+    assert res["img_s"] > 10 * res["img_s_wall"]
