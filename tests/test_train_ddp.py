@@ -97,3 +97,15 @@ def test_each_process_takes_its_gpu_or_the_only_one_it_sees():
     assert cuda_index(3, 1) == 0
     with pytest.raises(RuntimeError, match="local rank 4 but only 2 CUDA devices"):
         cuda_index(4, 2)
+
+
+def test_stand_in_batch_has_the_datasets_input_shape():
+    """What a DDP rank whose very first batch was all undecodable steps on (zero weight): one black
+    uint8 item the loaders' shape, (1, C, H, W) for images, (1, C, T, H, W) for clips."""
+    import train as train_script
+    from data.base import InputSpec
+
+    x, y = train_script.stand_in_batch(InputSpec(num_classes=5, in_chans=3, image_size=32))
+    assert x.shape == (1, 3, 32, 32) and x.dtype == torch.uint8 and y.tolist() == [0]
+    x, _ = train_script.stand_in_batch(InputSpec(num_classes=5, in_chans=1, image_size=16, frames=8))
+    assert x.shape == (1, 1, 8, 16, 16)
