@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import hydra.utils
@@ -102,6 +103,19 @@ def test_wandb_offline_run_reads_back(mnist_run):
     png = files[0].parent / "files" / final["val/rois.path"]
     img = np.asarray(Image.open(png))
     assert img.shape[0] > 100 and img.std() > 10  # a real drawing, not a blank canvas
+
+
+def test_logger_disabled_needs_no_wandb(tmp_path, monkeypatch):
+    """logger.mode=disabled trains with wandb not importable (a GPU machine's own python has none)
+    and still writes metrics.jsonl; W&B writes nothing."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    cfg = compose_cfg([*TINY_MODEL, *TINY_MNIST, *FAST, f"run_dir={tmp_path}", "trainer.epochs=1",
+                       "logger.mode=disabled"])
+    top1 = train_script.train(cfg, tmp_path)
+    assert 0.0 <= top1 <= 100.0
+    metrics = read_metrics(tmp_path)
+    assert sum("train/loss" in m for m in metrics) == 4 and sum("val/top1" in m for m in metrics) == 1
+    assert not find_run_files(tmp_path) and not (tmp_path / "wandb").exists()
 
 
 def test_soft_target_cross_entropy():

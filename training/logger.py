@@ -26,10 +26,16 @@ def benchmark_run(cfg, run_dir: Path, name: str, meta: dict, extra_tags: tuple[s
 
 
 class Logger:
+    """Rank 0's metrics: metrics.jsonl always; W&B unless logger.mode=disabled (which needs no wandb
+    installed, e.g. on a machine whose python has only the model's packages)."""
+
     def __init__(self, cfg, run_dir: Path, enabled: bool, run_id: str | None = None):
         self.enabled, self.run, self.run_dir = enabled, None, Path(run_dir)
         self._acc_vs_speed: list[list[float]] = []
         if not enabled:
+            return
+        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        if cfg.logger.mode == "disabled":
             return
         import wandb
 
@@ -43,7 +49,6 @@ class Logger:
         self.run.define_metric("throughput/eval_img_s")
         for key in ("throughput/top1", "throughput/top1_ema"):
             self.run.define_metric(key, step_metric="throughput/eval_img_s")
-        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
 
     @property
     def run_id(self) -> str | None:
@@ -52,14 +57,15 @@ class Logger:
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:
             return
-        self.run.log(metrics, step=step)
+        if self.run is not None:
+            self.run.log(metrics, step=step)
         plain = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         self.metrics_file.write(json.dumps({"step": step, **plain}) + "\n")
         self.metrics_file.flush()
 
     def log_accuracy_vs_throughput(self, img_s: float, top1: float, top1_ema: float | None, step: int) -> None:
         """Both the define_metric chart above and a scatter of every evaluation so far."""
-        if not self.enabled:
+        if self.run is None:
             return
         self._acc_vs_speed.append([img_s, top1, top1 if top1_ema is None else top1_ema, step])
         table = self.wandb.Table(data=self._acc_vs_speed, columns=["img_s", "top1", "top1_ema", "step"])
@@ -71,15 +77,16 @@ class Logger:
         self.run.log(metrics, step=step)
 
     def log_image(self, key: str, array, caption: str, step: int) -> None:
-        if self.enabled:
+        if self.run is not None:
             self.run.log({key: self.wandb.Image(array, caption=caption)}, step=step)
 
     def summary(self, values: dict) -> None:
-        if self.enabled:
+        if self.run is not None:
             self.run.summary.update(values)
             self.run.config.update(values, allow_val_change=True)
 
     def finish(self) -> None:
         if self.enabled:
             self.metrics_file.close()
+        if self.run is not None:
             self.run.finish()
