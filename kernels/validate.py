@@ -2,6 +2,7 @@
 
     python -m kernels.validate --out outputs/validate        # on one CUDA GPU, < 8 minutes
     make validate
+    python -m kernels.validate --sections correctness,model  # a subset (names below), in this order
 
 Sections, each written to <out>/validate.json and <out>/validate.md as soon as it ends (so a run
 cut off by a time limit still reports what it did):
@@ -414,10 +415,19 @@ def training_step(device: torch.device) -> dict:
                 met=speedup >= 1.5 and memory <= 0.6)
 
 
+SECTIONS = ("environment", "bandwidth", "build", "correctness", "determinism", "model", "timings", "training_step")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/validate", help="folder for validate.json and validate.md")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset to run, in this order: {','.join(SECTIONS)}")
     args = parser.parse_args(argv)
+    chosen = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown or not chosen:
+        parser.error(f"--sections {args.sections!r}: unknown {unknown or 'empty'}; choose from {','.join(SECTIONS)}")
     out = Path(args.out)
     gpu = torch.cuda.is_available() and not _backend.triton_interpreter_enabled()
     device = torch.device("cuda" if gpu else "cpu")
@@ -426,20 +436,25 @@ def main(argv=None) -> int:
               "set TRITON_INTERPRET=1 for the CPU subset", file=sys.stderr)
         return 2
     no_gpu = None if gpu else "no CUDA device (CPU interpreter run: tiny shapes only)"
+    runs = {  # name -> (the section, why it is skipped here or None)
+        "environment": (lambda: environment(device), None),
+        "bandwidth": (lambda: bandwidth(device), no_gpu),
+        "build": (lambda: build_facts(device), no_gpu),
+        "correctness": (lambda: correctness(device, small=not gpu), None),
+        "determinism": (lambda: determinism(device, small=not gpu), None),
+        "model": (lambda: model_check(device, small=not gpu), None),
+        "timings": (lambda: timings(device), no_gpu),
+        "training_step": (lambda: training_step(device), no_gpu),
+    }
     torch.manual_seed(0)
     with contextlib.ExitStack() as stack:
         before = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")  # exact or 3xTF32 fp32 dots: the 1e-5 bound applies
         stack.callback(torch.set_float32_matmul_precision, before)
         report = Report(out)
-        report.run("environment", lambda: environment(device))
-        report.run("bandwidth", lambda: bandwidth(device), no_gpu)
-        report.run("build", lambda: build_facts(device), no_gpu)
-        report.run("correctness", lambda: correctness(device, small=not gpu))
-        report.run("determinism", lambda: determinism(device, small=not gpu))
-        report.run("model", lambda: model_check(device, small=not gpu))
-        report.run("timings", lambda: timings(device), no_gpu)
-        report.run("training_step", lambda: training_step(device), no_gpu)
+        for name in SECTIONS:
+            if name in chosen:
+                report.run(name, *runs[name])
     print(f"report: {out / 'validate.md'} and {out / 'validate.json'}")
     return 1 if report.failed else 0
 

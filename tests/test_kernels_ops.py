@@ -199,6 +199,20 @@ def test_validate_runs_its_cpu_subset(tmp_path):
     assert all(c["ok"] for c in sections["correctness"]["checks"])
 
 
+def test_validate_runs_a_chosen_subset(tmp_path, capsys):
+    """--sections runs only the named sections (in validate's order); an unknown name is a usage
+    error that lists the valid ones."""
+    from kernels import validate
+
+    assert validate.main(["--out", str(tmp_path), "--sections", "determinism,environment"]) == 0
+    report = json.loads((tmp_path / "validate.json").read_text())
+    assert [s["name"] for s in report["sections"]] == ["environment", "determinism"]
+    with pytest.raises(SystemExit) as err:
+        validate.main(["--out", str(tmp_path), "--sections", "environment,timing"])
+    assert err.value.code == 2
+    assert "unknown ['timing']" in capsys.readouterr().err and "training_step" in validate.SECTIONS
+
+
 @pytest.mark.parametrize("hypothesis", [True, False], ids=["with_hypothesis", "without_hypothesis"])
 def test_kernel_tests_import_without_the_training_stack(hypothesis):
     """The gpu-marked kernel tests (`pytest -m gpu tests/test_kernels_*.py` on a GPU machine's own
