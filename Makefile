@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 # torch is installed first, on its own, so that the other requirements never pull another build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup train test lint bench validate aot compat clean
+.PHONY: setup train test lint bench validate aot compat gpu-wheels gpu-window clean
 
 setup: $(VENV)/.installed
 
@@ -48,6 +48,25 @@ compat:
 	$(COMPAT_VENV)/bin/python -m pip install -q -e ".[dev]"
 	TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider
 	TRITON_INTERPRET=0 $(COMPAT_VENV)/bin/python -m kernels.aot --arch 90
+
+# A lent GPU machine's python has torch and triton but not the training stack: `make gpu-wheels` puts
+# what tools/gpu_window.py's training and augmentation steps need in .whl/ (the versions this venv
+# tests, built for the machine's Python 3.12; ~9 MB), to carry with the call (docs/KERNELS.md, "A GPU window").
+GPU_PYTHON ?= 3.12
+GPU_STACK := hydra-core omegaconf kornia kornia_rs mlxtend
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
+PINS = $(VPY) -c "import importlib.metadata as m, sys; print(' '.join(n + '==' + m.version(n) for n in sys.argv[1:]))"
+gpu-wheels: setup
+	rm -rf .whl && mkdir -p .whl
+	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		$(GPU_PLATFORMS) -d .whl $$($(PINS) $(GPU_STACK))
+	# hydra's parser runtime is published as a source archive only: build its (pure-Python) wheel here
+	$(VPY) -m pip wheel -q --no-deps -w .whl $$($(PINS) antlr4-python3-runtime)
+	ls .whl
+
+# on the GPU machine (or `python3 tools/gpu_window.py --plan` anywhere): validate, gpu tests, training smoke, timings
+gpu-window:
+	python3 tools/gpu_window.py --out $${OUT:-outputs/gpu_window}
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) outputs multirun wandb .pytest_cache
