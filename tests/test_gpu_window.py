@@ -48,6 +48,8 @@ def test_runner_order_caps_kills_and_skips(tmp_path):
         Step("broken", py("import sys; print('about to fail'); sys.exit(3)"), 20, min_s=0),
         Step("needs_broken", py("print('never')"), 20, min_s=0, after="broken"),
         Step("overrun", py(spawn), 2, min_s=0),
+        Step("interrupted", py("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+                               "    print('summary on interrupt')"), 1, min_s=0),
         Step("no_module", py("print('never')"), 20, min_s=0, needs=("no_such_module_for_gpu_window",)),
         Step("too_late", py("print('never')"), 20, min_s=1e6),
     ]
@@ -56,10 +58,11 @@ def test_runner_order_caps_kills_and_skips(tmp_path):
     assert not ok and time.monotonic() - start < 40
     status = {s.name: s.result["status"] for s in steps}
     assert status == {"first": "ok", "broken": "failed", "needs_broken": "skipped", "overrun": "timeout",
-                      "no_module": "skipped", "too_late": "skipped"}
+                      "interrupted": "timeout", "no_module": "skipped", "too_late": "skipped"}
+    assert steps[4].result["last_line"] == "summary on interrupt"  # SIGINT first: a step can report
     assert steps[1].result["rc"] == 3 and steps[1].result["last_line"] == "about to fail"
-    assert "no_such_module_for_gpu_window" in steps[4].result["reason"]
-    assert "needs 1000000" in steps[5].result["reason"]
+    assert "no_such_module_for_gpu_window" in steps[5].result["reason"]
+    assert "needs 1000000" in steps[6].result["reason"]
     assert not running(int(pid_file.read_text())), "the kill must reach the step's whole process group"
     md = (tmp_path / "window.md").read_text()
     assert "| overrun | timeout |" in md and "| first | ok |" in md and "- rehearsal" in md

@@ -11,7 +11,8 @@ dependencies in .whl/, ~9 MB) and carry `.whl`; this script installs them into a
 logger.mode=disabled). docs/KERNELS.md, "A GPU window", says how to read what comes back.
 
 Steps, in order (each has a time cap; a step that would start with less than its minimum left of the
-budget is skipped, a step that runs past its cap is killed with its whole process group):
+budget is skipped, a step that runs past its cap is interrupted (SIGINT, as Ctrl-C) and then killed
+with its whole process group):
   env           versions, the GPU, nvidia-smi
   validate      kernels.validate without its timing sections: build facts, correctness, determinism,
                 the whole model under eager / compile / CUDA graphs
@@ -132,11 +133,12 @@ def run_step(step: Step, cap_s: float, env: dict, log) -> dict:
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the step's process group (train.py's DDP ranks and loader workers too), SIGKILL to
-    whatever is left after 10 s: nothing of a killed step keeps the GPU or the output pipe."""
+    """SIGINT to the step's process group first, as Ctrl-C would (pytest then prints its summary of
+    what ran, train.py stops its ranks and says where), SIGKILL to whatever is left after 15 s: nothing
+    of a killed step keeps the GPU or the output pipe."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=15)
     except ProcessLookupError:
         return
     except subprocess.TimeoutExpired:
