@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import shutil
 import signal
@@ -60,11 +61,15 @@ def default_steps(out: Path, work: Path) -> list[Step]:
     gpu_tests = sorted(str(Path(p).relative_to(REPO)) for p in glob.glob(str(REPO / "tests" / "test_*.py"))
                        if Path(p).name.startswith("test_kernels_") or Path(p).stem.endswith("_gpu"))
     stack = ("hydra", "omegaconf", "kornia", "mlxtend", "einops")
+    # the kernel tests' time there is mostly Triton compiling ~100 specialisations, one CPU core each:
+    # pytest-xdist (in the lent machine's image) spreads them over 8 processes
+    parallel = ["-n", "8"] if importlib.util.find_spec("xdist") else []
     return [
         Step("env", [PY, "-c", ENV_REPORT], 30, min_s=5),
         Step("validate", [PY, "-m", "kernels.validate", "--out", str(out / "validate"),
                           "--sections", "environment,bandwidth,build,correctness,determinism,model"], 210, min_s=60),
-        Step("tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *gpu_tests], 120, min_s=30),
+        Step("tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *parallel, "-m", "gpu", *gpu_tests], 150,
+             min_s=30),
         Step("train_bf16", [*train, "hardware.precision=bf16", f"run_dir={work / 'image'}", "trainer.epochs=2",
                             "trainer.max_steps=60"], 60, needs=stack),
         Step("resume_fp16", [*train, "hardware.precision=fp16", f"run_dir={work / 'image'}", "trainer.epochs=2",
