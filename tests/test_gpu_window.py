@@ -47,9 +47,9 @@ def test_runner_order_caps_kills_and_skips(tmp_path):
         Step("first", py("print('hello from first')"), 20, min_s=0),
         Step("broken", py("import sys; print('about to fail'); sys.exit(3)"), 20, min_s=0),
         Step("needs_broken", py("print('never')"), 20, min_s=0, after="broken"),
-        Step("overrun", py(spawn), 2, min_s=0),
+        Step("overrun", py(spawn), 5, min_s=0),  # caps leave the children time to start on a loaded machine
         Step("interrupted", py("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
-                               "    print('summary on interrupt')"), 1, min_s=0),
+                               "    print('summary on interrupt')"), 5, min_s=0),
         Step("no_module", py("print('never')"), 20, min_s=0, needs=("no_such_module_for_gpu_window",)),
         Step("too_late", py("print('never')"), 20, min_s=1e6),
     ]
