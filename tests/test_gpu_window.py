@@ -41,21 +41,21 @@ def running(pid: int) -> bool:
 def test_runner_order_caps_kills_and_skips(tmp_path):
     pid_file = tmp_path / "grandchild.pid"
     spawn = ("import subprocess, sys, time; "
-             "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-             f"open({str(pid_file)!r}, 'w').write(str(c.pid)); print('spawned', flush=True); time.sleep(60)")
+             "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+             f"open({str(pid_file)!r}, 'w').write(str(c.pid)); print('spawned', flush=True); time.sleep(300)")
     steps = [
         Step("first", py("print('hello from first')"), 20, min_s=0),
         Step("broken", py("import sys; print('about to fail'); sys.exit(3)"), 20, min_s=0),
         Step("needs_broken", py("print('never')"), 20, min_s=0, after="broken"),
         Step("overrun", py(spawn), 5, min_s=0),  # caps leave the children time to start on a loaded machine
-        Step("interrupted", py("import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+        Step("interrupted", py("import time\ntry:\n    time.sleep(300)\nexcept KeyboardInterrupt:\n"
                                "    print('summary on interrupt')"), 5, min_s=0),
         Step("no_module", py("print('never')"), 20, min_s=0, needs=("no_such_module_for_gpu_window",)),
         Step("too_late", py("print('never')"), 20, min_s=1e6),
     ]
     start = time.monotonic()
     ok = gpu_window.window(steps, tmp_path, budget_s=100, env=dict(os.environ), header=["- rehearsal"])
-    assert not ok and time.monotonic() - start < 40
+    assert not ok and time.monotonic() - start < 150  # not the 300 s sleeps: the caps stopped them
     status = {s.name: s.result["status"] for s in steps}
     assert status == {"first": "ok", "broken": "failed", "needs_broken": "skipped", "overrun": "timeout",
                       "interrupted": "timeout", "no_module": "skipped", "too_late": "skipped"}
@@ -71,10 +71,10 @@ def test_runner_order_caps_kills_and_skips(tmp_path):
 
 
 def test_budget_caps_a_step_and_an_empty_run_is_not_a_pass(tmp_path):
-    steps = [Step("slow", py("import time; time.sleep(30)"), cap_s=60, min_s=0)]
+    steps = [Step("slow", py("import time; time.sleep(300)"), cap_s=600, min_s=0)]
     start = time.monotonic()
     assert not gpu_window.window(steps, tmp_path, budget_s=1.5, env=dict(os.environ), header=[])
-    assert steps[0].result["status"] == "timeout" and time.monotonic() - start < 20  # the budget, not the cap
+    assert steps[0].result["status"] == "timeout" and time.monotonic() - start < 100  # the budget stopped it
     skipped = [Step("late", py("print(1)"), 10, min_s=5)]
     assert not gpu_window.window(skipped, tmp_path, budget_s=1, env=dict(os.environ), header=[])
 
