@@ -123,7 +123,7 @@ def run_step(step: Step, cap_s: float, env: dict, log) -> dict:
     log(f"\n===== {step.name} (cap {cap_s:.0f} s) =====\n$ {' '.join(step.cmd)}\n")
     start = time.monotonic()
     proc = subprocess.Popen(step.cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=_default_sigint)
     try:
         out, _ = proc.communicate(timeout=cap_s)
         status = "ok" if proc.returncode == 0 else "failed"
@@ -135,6 +135,13 @@ def run_step(step: Step, cap_s: float, env: dict, log) -> dict:
     log(out or "")
     tail = [line for line in (out or "").strip().splitlines() if line.strip()][-1:]
     return dict(status=status, rc=proc.returncode, seconds=round(seconds, 1), last_line=(tail or [""])[0][:160])
+
+
+def _default_sigint() -> None:
+    """In the step's process, before exec: SIGINT back to its default. A command started in the
+    background by a non-interactive shell (nohup ... &, a remote runner) inherits SIGINT ignored, and
+    a python started so never turns it into KeyboardInterrupt: the interrupt below would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def kill_group(proc: subprocess.Popen) -> None:
