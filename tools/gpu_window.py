@@ -30,6 +30,7 @@ device tool brings back. Exits 1 when a step failed or timed out.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import importlib.util
 import os
@@ -95,6 +96,12 @@ if shutil.which("nvidia-smi"):
 """
 
 
+def append_log(path: Path, text: str) -> None:
+    """window.log: every write appended and closed at once, so a killed window keeps what came before."""
+    with open(path, "a") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+
+
 def install_wheels(wheels: Path, site: Path, log) -> str:
     """pip-install the carried wheels (no index, no dependency resolution) into `site`."""
     files = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
@@ -119,7 +126,8 @@ def missing_modules(names: tuple[str, ...], env: dict) -> list[str]:
 
 
 def run_step(step: Step, cap_s: float, env: dict, log) -> dict:
-    """Run one step in its own process group; kill the group at the cap. -> status, rc, seconds."""
+    """Run one step in its own process group; at the cap interrupt, then kill, the group (`kill_group`).
+    -> status, rc, seconds, the output's last line."""
     log(f"\n===== {step.name} (cap {cap_s:.0f} s) =====\n$ {' '.join(step.cmd)}\n")
     start = time.monotonic()
     proc = subprocess.Popen(step.cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -164,17 +172,12 @@ def kill_group(proc: subprocess.Popen) -> None:
 def window(steps: list[Step], out: Path, budget_s: float, env: dict, header: list[str]) -> bool:
     """Run the steps in order inside the budget; window.md after each. -> all ran and passed."""
     out.mkdir(parents=True, exist_ok=True)
-    log_file = open(out / "window.log", "a")
-
-    def log(text: str) -> None:
-        log_file.write(text if text.endswith("\n") else text + "\n")
-        log_file.flush()
-
+    log = functools.partial(append_log, out / "window.log")
     start = time.monotonic()
-    done: dict[str, str] = {}
     for step in steps:
         left = budget_s - (time.monotonic() - start)
-        if step.after and done.get(step.after) != "ok":
+        before = {s.name: s.result.get("status") for s in steps}
+        if step.after and before.get(step.after) != "ok":
             step.result = dict(status="skipped", reason=f"needs {step.after} to pass")
         elif left < step.min_s:
             step.result = dict(status="skipped", reason=f"{left:.0f} s of the budget left, needs {step.min_s:.0f}")
@@ -182,10 +185,8 @@ def window(steps: list[Step], out: Path, budget_s: float, env: dict, header: lis
             step.result = dict(status="skipped", reason=f"not importable: {', '.join(missing)} (make gpu-wheels)")
         else:
             step.result = run_step(step, min(step.cap_s, left), env, log)
-        done[step.name] = step.result["status"]
         write_summary(out / "window.md", steps, header, time.monotonic() - start, budget_s)
         print(f"[{step.result['status']:7s}] {step.name} {step.result.get('seconds', '')}", flush=True)
-    log_file.close()
     return all(s.result["status"] in ("ok", "skipped") for s in steps) and any(
         s.result["status"] == "ok" for s in steps)
 
@@ -236,12 +237,7 @@ def main(argv=None) -> int:
     shutil.rmtree(args.work, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "window.log").write_text("")
-
-    def log(text: str) -> None:
-        with open(args.out / "window.log", "a") as f:
-            f.write(text + "\n")
-
-    wheels = install_wheels(args.wheels, args.site, log)
+    wheels = install_wheels(args.wheels, args.site, functools.partial(append_log, args.out / "window.log"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_INTERPRET": "0", "WANDB_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join(p for p in (str(args.site), str(REPO), os.environ.get("PYTHONPATH")) if p)}
     header = [f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {_commit()}",
