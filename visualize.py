@@ -41,7 +41,7 @@ if not OmegaConf.has_resolver("sparseformer_visualize_dir"):
 
 
 def check(cfg: DictConfig, overrides: list[str]) -> None:
-    """visualize.py reads checkpoint, num_images, use_ema, out, seed and (for the authors' weights) data:
+    """visualize.py reads checkpoint, num_images, use_ema, out and (for the authors' weights) data:
     a key added with `+` elsewhere would be silently ignored, so it is an error."""
     unread = [o for o in overrides if o.startswith("+") and not o.startswith(("+data.", "++data."))]
     if unread:
@@ -53,7 +53,7 @@ def check(cfg: DictConfig, overrides: list[str]) -> None:
 
 
 def load_model(cfg: DictConfig):
-    """(model in eval mode, the data config to draw from, its seed): a train.py checkpoint's model built
+    """(model in eval mode, the data config to draw from): a train.py checkpoint's model built
     from its stored config (EMA weights with use_ema), with the data it trained on; else the authors'
     weights (model.load_official_checkpoint reads both)."""
     path = Path(cfg.checkpoint)
@@ -62,20 +62,19 @@ def load_model(cfg: DictConfig):
     obj = read_checkpoint(path)
     model = load_official_checkpoint(obj, use_ema=cfg.use_ema).eval()  # ours from its stored config, or the authors'
     if not is_train_checkpoint(obj):
-        return model, cfg.data, cfg.seed
-    run_cfg = OmegaConf.create(obj["config"])
-    return model, run_cfg.data, run_cfg.seed
+        return model, cfg.data
+    return model, OmegaConf.create(obj["config"]).data
 
 
 def visualize(cfg: DictConfig) -> list[Path]:
     """The PNGs written: one for images (a row per image), one per clip for a video model."""
-    model, data_cfg, seed = load_model(cfg)
+    model, data_cfg = load_model(cfg)
     if not hasattr(model, "sampling_grad_scale"):
         raise ConfigError(f"checkpoint={cfg.checkpoint!r}: {type(model).__name__} has no RoIs to draw")
     builder = builder_from_config(data_cfg)
     splits = builder.build()
     val_set = splits.val
-    keys = list(EvalSampler(len(val_set), seed=seed))
+    keys = list(EvalSampler(len(val_set)))  # the test set train.py scores
     items = [val_set[k] for k in keys[: 4 * cfg.num_images]]
     items = [it for it in items if it is not None][: cfg.num_images]  # undecodable files are skipped
     if not items:

@@ -73,7 +73,7 @@ def build_data(cfg, world_size: int = 1, rank: int = 0, seed: int = 0, device: t
     builder = builder_from_config(cfg)
     splits = builder.build()
     train_sampler = TrainSampler(len(splits.train), world_size, rank, seed, repeats=cfg.augment.repeats)
-    val_sampler = EvalSampler(len(splits.val), world_size, rank, seed)
+    val_sampler = EvalSampler(len(splits.val), world_size, rank)  # one test set for every run seed
     loader_kw = dict(num_workers=cfg.num_workers, collate_fn=collate_skip_none, pin_memory=device.type == "cuda",
                      persistent_workers=cfg.num_workers > 0)
     # the loaders draw worker seeds from their own generator: the global RNG (saved in

@@ -54,7 +54,9 @@ class TrainSampler(Sampler):
 
 class EvalSampler(Sampler):
     """Sharded without padding (rank r takes r, r+W, ...), so all-reduced counts cover every
-    sample exactly once; a fixed seed per index makes the evaluation set identical every epoch."""
+    sample exactly once; a fixed seed per index makes the evaluation set identical every epoch.
+    `seed` is the evaluation set's own seed, not the run's: train.py leaves it at 0, so runs with
+    different `seed=` are scored on the same generated test set (cluttered MNIST, moving digits)."""
 
     def __init__(self, length: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
         self.indices = range(rank, length, num_replicas)

@@ -82,6 +82,21 @@ def test_training_canvases_change_each_epoch_and_test_canvases_do_not():
     assert torch.equal(t0, t1)
 
 
+def test_the_test_set_is_the_same_for_every_run_seed():
+    """train.py's seed changes the training canvases, not the canvases it is scored on."""
+    from omegaconf import OmegaConf
+
+    from data import build_data
+
+    cfg = OmegaConf.load(__import__("train_helpers").CONF / "data" / "cluttered_mnist.yaml")
+    cfg.test_samples, cfg.train_samples_per_epoch, cfg.batch_size = 8, 8, 4
+    runs = [build_data(cfg, seed=seed) for seed in (0, 3)]
+    val = [torch.cat([x for x, _, _ in d.val_loader]) for d in runs]
+    assert torch.equal(val[0], val[1])
+    train = [torch.cat([x for x, _, _ in d.train_loader]) for d in runs]
+    assert not torch.equal(train[0], train[1])
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="canvas_size"):
         ClutteredMNIST("train", canvas_size=20)

@@ -24,6 +24,9 @@ FAST = ["hardware=cpu", "hardware.num_threads=1", "hardware.processes=1", "logge
 
 
 def compose_cfg(overrides: list[str]):
+    from training.config import register_resolvers
+
+    register_resolvers()  # the configs' ${sparseformer_on_cpu:...}: composed alone, a test file needs them too
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
