@@ -428,7 +428,7 @@ def train_one_epoch(run: Run) -> bool:
     epoch_skipped, epoch_steps, last_batch, bad_streak = 0, 0, None, 0
     for x, y, skipped in data.train_loader:
         state.batch_in_epoch += 1
-        epoch_skipped += skipped  # an epoch reads each file once: its count is the number of bad files
+        epoch_skipped += skipped  # unreadable reads this epoch (= bad files when data.augment.repeats=1)
         bar.update(1)
         if x is None:  # every file of the batch was undecodable
             if not info.enabled:

@@ -37,12 +37,21 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     return images, table[:, -1]
 
 
+TRAIN_DIGITS = (10, 4990)  # num_train_digits bounds: every class keeps a digit in both splits
+
+
+def check_num_train_digits(value) -> None:
+    lo, hi = TRAIN_DIGITS
+    expect(is_int(value) and lo <= value <= hi, "num_train_digits", value,
+           f"must lie in [{lo}, {hi}] (the other digits of the 5,000 are the test set; the split is per class, "
+           "so each split needs one digit of each of the 10 classes)")
+
+
 def split_indices(split: str, num_train_digits: int) -> np.ndarray:
     """A fixed digit split: the first `num_train_digits` digits (after one fixed, class-stratified
     shuffle) train, the rest test. Clutter comes only from digits of the same split."""
+    check_num_train_digits(num_train_digits)
     _, labels = load_mnist_5k()
-    if not 0 < num_train_digits < len(labels):
-        raise ValueError(f"num_train_digits={num_train_digits} must lie in (0, {len(labels)})")
     rng = np.random.default_rng(12345)
     train, test = [], []
     for c in range(10):  # stratified: each class splits in the same proportion
@@ -117,8 +126,7 @@ class ClutteredMNISTBuilder(DatasetBuilder):
                "must be an integer >= 0")
         expect(is_int(self.clutter_size) and 0 < self.clutter_size <= DIGIT, "clutter_size", self.clutter_size,
                f"must be an integer in [1, {DIGIT}]")
-        expect(is_int(self.num_train_digits) and 0 < self.num_train_digits < 5000, "num_train_digits",
-               self.num_train_digits, "must lie in [1, 4999] (the other digits of the 5,000 are the test set)")
+        check_num_train_digits(self.num_train_digits)
         for key in ("train_samples_per_epoch", "test_samples"):
             value = getattr(self, key)
             expect(is_int(value) and value > 0, key, value, "must be a positive integer")

@@ -2,10 +2,13 @@
 (its wheel bundles FFmpeg) on the loader's CPU workers.
 
 Layouts, for split in {train, val}, tried in this order:
-  1. a list file `root/<split>.csv` (or `list_file=`): one `path label` line per video, separated by
-     a space or a comma (SlowFast / VideoMAE / mmaction2), path relative to `root` or absolute, label
-     an integer class index; blank lines and lines starting with `#` are ignored;
+  1. a list file `root/<split>.csv` (or `list_file=`, `~` expanded, absolute or relative to `root`):
+     one `path label` line per video, separated by a space or a comma (SlowFast / VideoMAE / mmaction2),
+     path relative to `root` or absolute, label an integer class index; blank lines and lines starting
+     with `#` are ignored. Up to 1,000 listed paths (evenly spaced) are checked at build: none found is
+     an error naming the list, some missing a warning;
   2. class folders `root/<split>/<class name>/*.mp4` (also .webm .mkv .avi .mov), classes sorted by name.
+Both splits take the same layout: a list's labels cannot be checked against another split's folders.
 
 Clip sampling (SlowFast / VideoMAE): a clip is `num_frames` frames `frame_stride` apart (a span of
 (num_frames - 1) * frame_stride + 1 frames; indices past the last frame repeat the last frame).
@@ -19,9 +22,12 @@ Clip sampling (SlowFast / VideoMAE): a clip is `num_frames` frames `frame_stride
   view v is clip v // test_crops, crop v % test_crops. Batched, (B, V, 3, T, S, S): the evaluator runs
   `fold_views` and averages the logits with `average_view_logits`.
 
-A missing, undecodable or truncated video is logged once (per loader worker) with its path and the
-item is None: `collate_skip_none` drops it and counts it. A missing root, a list with no videos or a
-malformed line is an error that names the path.
+Frame counts: the decoder's, not the header's. A video that decodes fewer frames than its header
+states (common: clips cut without re-encoding) is sampled from the frames it has; a container that
+states none (webm/mkv) is counted by demuxing, not by decoding it whole (`decode_frames`).
+A missing, undecodable or truncated video (less than half its stated frames decode) is logged once
+(per loader worker) with its path and the item is None: `collate_skip_none` drops it and counts it.
+A missing root, a list with no videos or a malformed line is an error that names the path.
 """
 from __future__ import annotations
 
@@ -76,17 +82,42 @@ def read_list_file(list_file: Path, root: Path) -> list[tuple[str, int]]:
     return samples
 
 
+def resolve_list(root: Path, list_file: str | Path) -> Path:
+    """A `train_list`/`val_list` value: `~` expanded, then absolute or relative to root."""
+    path = Path(list_file).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+PATH_PROBES = 1000  # listed paths checked at build (evenly spaced): enough to catch a wrong prefix, cheap on NFS
+
+
+def check_listed_paths(list_file: Path, root: Path, samples: list[tuple[str, int]]) -> None:
+    """A list whose paths do not resolve (a prefix from another machine, paths relative to another
+    folder) is an error now, not one warning per video an epoch later; some missing files, a warning."""
+    step = max(1, len(samples) // PATH_PROBES)
+    probed = samples[::step]
+    missing = [path for path, _ in probed if not Path(path).is_file()]
+    if len(missing) == len(probed):
+        raise FileNotFoundError(f"{list_file}: none of the {len(probed)} listed videos checked exists, e.g. "
+                                f"{missing[0]} (relative paths are taken from data.root={root})")
+    if missing:
+        log.warning("%s: %d of %d listed videos checked do not exist (e.g. %s); they will be skipped and counted",
+                    list_file, len(missing), len(probed), missing[0])
+
+
 def find_videos(root: Path, split: str, list_file: str | Path | None = None):
     """(samples [(path, label)], class names or None for a list file) for one split."""
     if not root.is_dir():
         raise FileNotFoundError(f"Kinetics root not found: {root}")
+    if list_file is None and (root / f"{split}.csv").is_file():
+        list_file = root / f"{split}.csv"
     if list_file is not None:
-        list_file = Path(list_file) if Path(list_file).is_absolute() else root / list_file
+        list_file = resolve_list(root, list_file)
         if not list_file.is_file():
             raise FileNotFoundError(f"Kinetics list file not found: {list_file}")
-        return read_list_file(list_file, root), None
-    if (root / f"{split}.csv").is_file():
-        return read_list_file(root / f"{split}.csv", root), None
+        samples = read_list_file(list_file, root)
+        check_listed_paths(list_file, root, samples)
+        return samples, None
     if (root / split).is_dir():
         samples, classes = scan_class_folders(root / split, VIDEO_EXTENSIONS)
         if not samples:
@@ -101,37 +132,59 @@ def clip_indices(start: int, num_frames: int, stride: int, total: int) -> np.nda
     return np.minimum(start + stride * np.arange(num_frames), total - 1)
 
 
-def decode_frames(path: str, choose) -> np.ndarray:
-    """Decode the frames a sampler asks for: `choose(total_frames)` -> indices (any shape, repeats
-    allowed). Returns uint8 frames (*indices.shape, H, W, 3). Decoding stops after the last frame
-    needed; a container that does not state its frame count is decoded whole first.
-    Raises UnreadableVideo when the video holds fewer frames than its header says."""
+def stated_frames(path: str) -> int:
+    """The frame count a video's header states; containers that omit it (webm/mkv often do) are counted
+    by demuxing their video packets, without decoding."""
     import av
 
     with av.open(path) as container:
         if not container.streams.video:
             raise UnreadableVideo("no video stream")
         stream = container.streams.video[0]
-        total = stream.frames
-        if total <= 0:  # webm/mkv often omit it: count by decoding
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-            if not frames:
-                raise UnreadableVideo("no frames decoded")
-            idx = np.asarray(choose(len(frames)))
-            return np.stack([frames[i] for i in idx.reshape(-1)]).reshape(*idx.shape, *frames[0].shape)
-        idx = np.asarray(choose(total))
-        needed, last = set(idx.reshape(-1).tolist()), int(idx.max())
-        kept, count = {}, 0
-        for i, frame in enumerate(container.decode(stream)):
+        return stream.frames if stream.frames > 0 else sum(1 for p in container.demux(stream) if p.size)
+
+
+def decode_indices(path: str, idx: np.ndarray) -> tuple[dict, int]:
+    """({frame index: uint8 (H, W, 3)} for the indices asked, frames decoded): decoding stops after the
+    largest index; fewer frames than asked means the video ended first."""
+    import av
+
+    needed, last = set(idx.reshape(-1).tolist()), int(idx.max())
+    kept, count = {}, 0
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(container.streams.video[0])):
             count = i + 1
             if i in needed:
                 kept[i] = frame.to_ndarray(format="rgb24")
             if i >= last:
                 break
-        if len(kept) < len(needed):
+    return kept, count
+
+
+MIN_DECODED_FRACTION = 0.5  # a video that decodes less than this of its stated frames is truncated
+
+
+def decode_frames(path: str, choose) -> np.ndarray:
+    """Decode the frames a sampler asks for: `choose(total_frames)` -> indices (any shape, repeats
+    allowed). Returns uint8 frames (*indices.shape, H, W, 3); decoding stops after the last frame needed.
+
+    The decoder, not the header, has the last word: many videos decode fewer frames than their header
+    states (a stream-copy cut away from a keyframe keeps packets the decoder drops). Such a video is
+    re-sampled with `choose(frames decoded)`, so an evaluation clip at the end or a video shorter than
+    a clip still reads; one that decodes less than MIN_DECODED_FRACTION of its stated frames is a
+    truncated file and raises UnreadableVideo, as do one with no video stream and one with no frames."""
+    total = stated_frames(path)
+    if total <= 0:
+        raise UnreadableVideo("no frames")
+    idx = np.asarray(choose(total))
+    kept, count = decode_indices(path, idx)
+    if len(kept) < len(set(idx.reshape(-1).tolist())):  # the video ended before the last index
+        if count < MIN_DECODED_FRACTION * total:
             raise UnreadableVideo(f"truncated: decoded {count} of the {total} frames its header states")
-        first = kept[last]
-        return np.stack([kept[i] for i in idx.reshape(-1)]).reshape(*idx.shape, *first.shape)
+        idx = np.asarray(choose(count))
+        kept, _ = decode_indices(path, idx)
+    first = kept[int(idx.max())]
+    return np.stack([kept[i] for i in idx.reshape(-1)]).reshape(*idx.shape, *first.shape)
 
 
 def resize_frames(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -257,18 +310,19 @@ class KineticsBuilder(DatasetBuilder):
         root = self.resolved_root()
         expect(root.is_dir(), "root", str(root), "no such directory (expected root/{train,val}.csv or "
                "root/{train,val}/<class>/*.mp4)")
-        for key in ("num_frames", "frame_stride", "test_clips", "test_crops"):
+        for key in ("num_frames", "frame_stride", "test_clips"):
             value = getattr(self, key)
             expect(is_int(value) and value >= 1, key, value, "must be a positive integer")
         expect(is_int(self.image_size) and self.image_size >= 32, "image_size", self.image_size,
                "must be an integer >= 32")
         expect(self.num_classes is None or (is_int(self.num_classes) and self.num_classes > 1), "num_classes",
                self.num_classes, "must be null (from the train split) or an integer > 1")
+        expect(self.test_crops in (1, 3), "test_crops", self.test_crops, "must be 1 (centre) or 3 (start, centre, end)")
         check_crop(self)
         for key in ("train_list", "val_list"):
             value = getattr(self, key)
-            expect(value is None or Path(value).expanduser().is_file() or (root / str(value)).is_file(), key, value,
-                   "no such list file (a 'path label' line per video)")
+            expect(value is None or resolve_list(root, value).is_file(), key, value,
+                   f"no such list file (absolute, or relative to data.root={root}; a 'path label' line per video)")
 
     def build(self) -> Splits:
         root = self.resolved_root()
@@ -277,7 +331,12 @@ class KineticsBuilder(DatasetBuilder):
                               num_classes=self.num_classes, list_file=self.train_list, **common)
         val = KineticsClips(root, "val", train=False, test_clips=self.test_clips, test_crops=self.test_crops,
                             num_classes=train.num_classes, list_file=self.val_list, **common)
-        if train.classes is not None and val.classes is not None and train.classes != val.classes:
+        if (train.classes is None) != (val.classes is None):
+            listed = "train" if train.classes is None else "val"
+            raise ValueError(f"{train.root}: the {listed} split is a list file of labels and the other is class "
+                             "folders, so nothing ties the two label sets together; give both splits the same layout "
+                             "(a list file each, or class folders each)")
+        if train.classes is not None and train.classes != val.classes:
             raise ValueError(f"{train.root}: train and val hold different class folders")
         return Splits(train, val, InputSpec(train.num_classes, 3, self.image_size, frames=self.num_frames,
                                             views=val.num_views))

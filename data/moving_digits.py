@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .base import DatasetBuilder, InputSpec, Splits, expect, is_int
-from .cluttered_mnist import DIGIT, load_mnist_5k, split_indices
+from .cluttered_mnist import DIGIT, check_num_train_digits, load_mnist_5k, split_indices
 
 # (dx, dy) per class: k = 0 east, counter-clockwise by 45°; y grows downwards, so "north" is dy = -1
 DIRECTIONS = np.array([(1, 0), (1, -1), (0, -1), (-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1)], dtype=np.int64)
@@ -154,8 +154,7 @@ class MovingDigitsBuilder(DatasetBuilder):
 
     def check(self) -> None:
         check_clip_arguments(self.num_frames, self.canvas_size, self.speed, self.num_distractors, prefix="data.")
-        expect(is_int(self.num_train_digits) and 0 < self.num_train_digits < 5000, "num_train_digits",
-               self.num_train_digits, "must lie in [1, 4999] (the other digits of the 5,000 are the test set)")
+        check_num_train_digits(self.num_train_digits)
         for key in ("train_samples_per_epoch", "test_samples"):
             value = getattr(self, key)
             expect(is_int(value) and value > 0, key, value, "must be a positive integer")

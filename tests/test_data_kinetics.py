@@ -15,16 +15,20 @@ av = pytest.importorskip("av")
 W, H, FRAMES = 40, 24, 20
 
 
-def write_video(path, num_frames=FRAMES, faststart=False):
+def write_video(path, num_frames=FRAMES, faststart=False, codec="mpeg4", options=None, size=(W, H),
+                texture=False):
     """A tiny mpeg4 video: green = 10 x frame index (time), red = a left-to-right ramp (space)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as container:
-        stream = container.add_stream("mpeg4", rate=10, bit_rate=4_000_000)  # high rate: levels survive within ~1
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        # high rate: levels survive within ~1
+        stream = container.add_stream(codec, rate=10, bit_rate=4_000_000, options=options or {})
+        (stream.width, stream.height), stream.pix_fmt = size, "yuv420p"
         for i in range(num_frames):
-            frame = np.zeros((H, W, 3), np.uint8)
-            frame[..., 0] = np.linspace(0, 250, W).astype(np.uint8)[None]
+            frame = np.zeros((size[1], size[0], 3), np.uint8)
+            frame[..., 0] = np.linspace(0, 250, size[0]).astype(np.uint8)[None]
             frame[..., 1] = 10 * i
+            if texture:  # an edge for P-frames to predict from their reference
+                frame[:, : size[0] // 2, 2] = 255
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -170,3 +174,83 @@ def test_the_config_builds_and_checks(root):
     assert (s.num_classes, s.in_chans, s.image_size, s.frames, s.views) == (2, 3, 224, 16, 15)
     with pytest.raises(ValueError, match="data.frame_stride=0"):
         builder_from_config(compose_cfg(["data=kinetics", f"data.root={root}", "data.frame_stride=0"]).data)
+
+
+def cut_without_reencoding(src, dst, first_packet):
+    """Stream-copy `src` from packet `first_packet` on, not a keyframe (how many Kinetics clips were cut):
+    the header counts every packet, the decoder drops those before the next keyframe."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        stream = inp.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        for k, packet in enumerate(inp.demux(stream)):
+            if packet.dts is None or k < first_packet:
+                continue
+            packet.stream = copy
+            out.mux(packet)
+    return dst
+
+
+def test_a_header_that_overstates_the_frames_is_not_taken_for_truncation(tmp_path):
+    # H.264, a keyframe every 10 frames: its decoder drops the P-frames whose reference was cut away
+    src = write_video(tmp_path / "src.mp4", num_frames=25, codec="libx264", size=(64, 48), texture=True,
+                      options={"g": "10", "keyint_min": "10", "bf": "0"})
+    cut = cut_without_reencoding(src, tmp_path / "train" / "c" / "cut.mp4", first_packet=3)
+    with av.open(str(cut)) as c:
+        stated = c.streams.video[0].frames
+        decoded = [round(f.to_ndarray(format="rgb24")[..., 1].mean() / 10) for f in c.decode(video=0)]
+    assert stated == 22 and 11 <= len(decoded) < stated  # the fixture is what it claims to be
+    (tmp_path / "val").symlink_to(tmp_path / "train")
+    train = KineticsClips(tmp_path, "train", num_frames=4, frame_stride=4, image_size=16)  # span 13 of 22 stated
+    assert all(train[(0, seed)] is not None for seed in range(8))
+    val = KineticsClips(tmp_path, "val", train=False, num_frames=4, frame_stride=4, image_size=16, test_clips=3)
+    views, _ = val[(0, 0)]  # the last clip reaches past the decoded end: re-sampled from the frames decoded
+    start = int((len(decoded) - 13) * 2.5 / 3)
+    assert frame_indices(views[-1]) == [decoded[start + 4 * k] for k in range(4)]
+
+
+def test_a_container_without_a_frame_count_is_counted_not_decoded_whole(tmp_path):
+    from data.kinetics import stated_frames
+
+    mkv = write_video(tmp_path / "v.mkv")
+    with av.open(str(mkv)) as c:
+        assert c.streams.video[0].frames == 0  # matroska states no count
+    assert stated_frames(str(mkv)) == FRAMES
+    clip, _ = KineticsClips(tmp_path, "val", train=False, num_frames=4, frame_stride=2, image_size=16, test_clips=1,
+                            test_crops=1, list_file=write_list(tmp_path, "v.mkv 0"))[(0, 0)]
+    assert frame_indices(clip[0]) == [6, 8, 10, 12]  # the centre clip of 20 frames
+
+
+def write_list(folder, *lines, name="list.csv"):
+    (folder / name).write_text("\n".join(lines) + "\n")
+    return folder / name
+
+
+def test_a_list_whose_paths_do_not_resolve_stops_at_build(root, tmp_path):
+    lst = write_list(tmp_path, "train/abseiling/a0.mp4 0", "train/zumba/z0.mp4 1")  # relative to the wrong root
+    with pytest.raises(FileNotFoundError, match=r"list\.csv: none of the 2 listed videos checked exists, e\.g\. .*"
+                                                r"a0\.mp4 \(relative paths are taken from data\.root="):
+        KineticsClips(tmp_path, "train", list_file=lst)
+    assert len(KineticsClips(root, "train", list_file=lst)) == 2  # the right root
+
+
+def test_list_paths_resolve_the_same_in_check_and_build(root, tmp_path, monkeypatch):
+    (root / "lists").mkdir(exist_ok=True)
+    write_list(root / "lists", f"{root}/train/abseiling/a0.mp4 0", f"{root}/val/zumba/short.mp4 1", name="t.csv")
+    b = KineticsBuilder(str(root), train_list="lists/t.csv", val_list="lists/t.csv", num_frames=2, image_size=32)
+    b.check()
+    assert len(b.build().train) == 2
+    monkeypatch.chdir(root / "lists")  # relative to the working directory is not relative to root
+    with pytest.raises(ValueError, match=r"data\.train_list='t\.csv': no such list file \(absolute, or relative to "):
+        KineticsBuilder(str(root), train_list="t.csv").check()
+    monkeypatch.setenv("HOME", str(root))
+    KineticsBuilder(str(tmp_path), train_list="~/lists/t.csv", val_list="~/lists/t.csv").check()
+
+
+def test_a_list_for_one_split_and_class_folders_for_the_other_is_refused(root, tmp_path):
+    (tmp_path / "val").symlink_to(root / "val")
+    write_list(tmp_path, f"{root}/train/abseiling/a0.mp4 1", name="train.csv")
+    with pytest.raises(ValueError, match="the train split is a list file of labels and the other is class folders"):
+        KineticsBuilder(str(tmp_path), num_frames=2, image_size=32).build()
+    with pytest.raises(ValueError, match=r"data\.test_crops=2: must be 1"):
+        KineticsBuilder(str(root), test_crops=2).check()

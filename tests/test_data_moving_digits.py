@@ -150,6 +150,9 @@ def test_the_config_builds_the_task_and_bad_keys_name_themselves():
     assert splits.spec.image_size == splits.val.canvas_size == 64 and splits.spec.frames == 8
     assert len(splits.val) == 1000
     for key, value, match in [("canvas_size", 40, "data.canvas_size=40 is too small"), ("speed", [3, 2], "data.speed"),
-                              ("num_frames", 1, "data.num_frames"), ("test_samples", 0, "data.test_samples")]:
+                              ("num_frames", 1, "data.num_frames"), ("test_samples", 0, "data.test_samples"),
+                              # a split left without a digit of some class (the split is per class)
+                              ("num_train_digits", 4999, r"data.num_train_digits=4999: must lie in \[10, 4990\]"),
+                              ("num_train_digits", 5, "data.num_train_digits=5")]:
         with pytest.raises(ValueError, match=match):
             builder_from_config(compose_cfg(["data=moving_digits", f"data.{key}={value}"]).data)
