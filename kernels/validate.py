@@ -56,7 +56,10 @@ class Report:
         out.mkdir(parents=True, exist_ok=True)
 
     def run(self, name: str, fn, skip_reason: str | None = None) -> None:
+        """Run one section and write the report. Ctrl-C (a time cap's SIGINT) inside it is written
+        as an `interrupted` section with where it was, and then raised: the run stops, reported."""
         start = time.perf_counter()
+        interrupted = None
         if skip_reason:
             section = dict(name=name, status="skipped", reason=skip_reason)
         else:
@@ -64,6 +67,10 @@ class Report:
                 section = dict(name=name, status="ok", **fn())
                 if any(not c.get("ok", True) for c in section.get("checks", [])):
                     section["status"] = "failed"
+            except KeyboardInterrupt as err:
+                interrupted = err
+                section = dict(name=name, status="interrupted", error="KeyboardInterrupt (SIGINT) inside this section",
+                               traceback=traceback.format_exc()[-4000:])
             except Exception as err:  # a broken section must not hide the others
                 section = dict(name=name, status="failed", error=f"{type(err).__name__}: {err}",
                                traceback=traceback.format_exc()[-4000:])
@@ -73,6 +80,8 @@ class Report:
         print(f"[{section['status']:7s}] {name} ({section['seconds']} s)"
               + (f": {section.get('reason') or section.get('error')}" if section["status"] != "ok" else ""),
               flush=True)
+        if interrupted is not None:
+            raise interrupted
 
     def write(self) -> None:
         (self.out / "validate.json").write_text(json.dumps({"sections": self.sections}, indent=1, default=str))
@@ -80,7 +89,7 @@ class Report:
 
     @property
     def failed(self) -> bool:
-        return any(s["status"] == "failed" for s in self.sections)
+        return any(s["status"] in ("failed", "interrupted") for s in self.sections)
 
 
 def markdown(sections: list[dict]) -> str:
@@ -90,8 +99,8 @@ def markdown(sections: list[dict]) -> str:
         if s["status"] == "skipped":
             lines += [f"skipped: {s['reason']}", ""]
             continue
-        if s["status"] == "failed" and "error" in s:
-            lines += ["```", s["error"], "```", ""]
+        if "error" in s:
+            lines += ["```", s["error"], *s.get("traceback", "").splitlines()[-25:], "```", ""]
         for key, value in s.items():
             if key in ("name", "status", "seconds", "checks", "rows", "error", "traceback"):
                 continue
@@ -222,11 +231,14 @@ def _compare(got, ref, dtype) -> tuple[float, bool]:
     return worst, ok and worst <= TOL[dtype]
 
 
-def correctness(device: torch.device, small: bool) -> dict:
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def correctness(device: torch.device, small: bool, dtypes: tuple[str, ...] = tuple(DTYPES)) -> dict:
     checks = []
-    # the interpreter run keeps to the two dtypes the model trains in (each case costs ~1 s there)
-    dtypes = (torch.float32, torch.bfloat16) if small else (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-    for dtype in dtypes:
+    if small:  # the interpreter run keeps to the two dtypes the model trains in (each case costs ~1 s there)
+        dtypes = tuple(d for d in dtypes if d in ("fp32", "bf16")) or ("fp32",)
+    for dtype in (DTYPES[d] for d in dtypes):
         for ndim in (2, 3):
             for case in _cases(device, dtype, ndim, small):
                 for variant in ("random", "nan_inf", "contention"):
@@ -272,6 +284,24 @@ def determinism(device: torch.device, small: bool) -> dict:
     return dict(checks=checks)
 
 
+BF16_MARGIN, BF16_SLACK = 2.0, 1e-2  # the model's bf16 check: Triton's error vs fp32 <= 2 x the reference's + 1e-2
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def low_precision_verdict(precision: str, names: list[str], err_triton: list[float], err_torch: list[float]) -> dict:
+    """One row: per tensor, Triton's relative error against fp32 must stay within BF16_MARGIN x the
+    reference backend's (+ BF16_SLACK); the row names the tensor closest to (or over) its bound."""
+    excess = [t - (BF16_MARGIN * r + BF16_SLACK) for t, r in zip(err_triton, err_torch, strict=True)]
+    worst = max(range(len(excess)), key=excess.__getitem__)
+    return dict(check=f"triton vs fp32 against torch vs fp32, {precision}", worst_tensor=names[worst],
+                triton_rel_err=err_triton[worst], torch_rel_err=err_torch[worst],
+                tol=f"<= {BF16_MARGIN} x torch + {BF16_SLACK}", max_rel_err_triton=max(err_triton),
+                max_rel_err_torch=max(err_torch), ok=excess[worst] <= 0)
+
+
 def model_check(device: torch.device, small: bool) -> dict:
     """SparseFormer with the Triton kernels against the same weights on the PyTorch references."""
     from model import create_model
@@ -282,9 +312,9 @@ def model_check(device: torch.device, small: bool) -> dict:
     batch = 2 if small else 8
     m = create_model("sparseformer_nano" if small else "sparseformer_t", drop_path_rate=0.0, **kw).to(device)
     x = torch.randn(batch, 3, res, res, device=device)
-    checks = []
-    precisions = [("fp32", None)] + ([] if small else [("bf16", torch.bfloat16)])
-    for name, dtype in precisions:
+    names = ["logits"] + [n for n, _ in m.named_parameters()]
+    checks, exact = [], None
+    for name, dtype in [("fp32", None)] + ([] if small else [("bf16", torch.bfloat16)]):
         results = {}
         for backend in ("torch", "triton"):
             m.backend = backend
@@ -293,10 +323,19 @@ def model_check(device: torch.device, small: bool) -> dict:
                 logits = m(x)
             logits.float().square().mean().backward()
             results[backend] = [logits.detach().float()] + [p.grad.float() for p in m.parameters()]
-        tol = 1e-4 if dtype is None else 3e-2
-        worst = max(((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-                    for a, b in zip(results["triton"], results["torch"], strict=True))
-        checks.append(dict(check=f"triton vs torch, {name}", worst_rel_err=worst, tol=tol, ok=worst <= tol))
+        if dtype is None:  # fp32: the two backends agree to fp32 rounding
+            exact = results["torch"]
+            errs = [_rel(a, b) for a, b in zip(results["triton"], exact, strict=True)]
+            worst = max(range(len(errs)), key=errs.__getitem__)
+            checks.append(dict(check="triton vs torch, fp32", worst_rel_err=errs[worst], worst_tensor=names[worst],
+                               tol=1e-4, ok=errs[worst] <= 1e-4))
+            continue
+        # 16-bit: the RoI branch's gradients are only ~10-20% accurate in bf16 whichever backend computes
+        # them (sampling points move by bf16-sized steps across pixel edges), so two correct bf16 runs
+        # differ by as much; each backend is measured against the fp32 result and Triton must be no
+        # worse than BF16_MARGIN x the reference's error (+ BF16_SLACK)
+        err = {b: [_rel(g, e) for g, e in zip(results[b], exact, strict=True)] for b in ("triton", "torch")}
+        checks.append(low_precision_verdict(name, names, err["triton"], err["torch"]))
     m.backend = "triton"
     if device.type == "cpu":  # tracing under the interpreter takes a minute; tests/test_kernels_ops.py covers it
         checks.append(dict(check="torch.compile, triton", skipped="on CPU (see tests/test_kernels_ops.py)", ok=True))
@@ -423,7 +462,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="outputs/validate", help="folder for validate.json and validate.md")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset to run, in this order: {','.join(SECTIONS)}")
+    parser.add_argument("--dtypes", default=",".join(DTYPES),
+                        help="the correctness section's dtypes (fewer: fewer kernels to compile), e.g. fp32,bf16")
     args = parser.parse_args(argv)
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    if not dtypes or set(dtypes) - set(DTYPES):
+        parser.error(f"--dtypes {args.dtypes!r}: choose from {','.join(DTYPES)}")
     chosen = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown or not chosen:
@@ -440,7 +484,7 @@ def main(argv=None) -> int:
         "environment": (lambda: environment(device), None),
         "bandwidth": (lambda: bandwidth(device), no_gpu),
         "build": (lambda: build_facts(device), no_gpu),
-        "correctness": (lambda: correctness(device, small=not gpu), None),
+        "correctness": (lambda: correctness(device, small=not gpu, dtypes=dtypes), None),
         "determinism": (lambda: determinism(device, small=not gpu), None),
         "model": (lambda: model_check(device, small=not gpu), None),
         "timings": (lambda: timings(device), no_gpu),
@@ -453,9 +497,13 @@ def main(argv=None) -> int:
         torch.set_float32_matmul_precision("highest")  # exact or 3xTF32 fp32 dots: the 1e-5 bound applies
         stack.callback(torch.set_float32_matmul_precision, before)
         report = Report(out)
-        for name, (section, skip_reason) in runs.items():
-            if name in chosen:
-                report.run(name, section, skip_reason)
+        try:
+            for name, (section, skip_reason) in runs.items():
+                if name in chosen:
+                    report.run(name, section, skip_reason)
+        except KeyboardInterrupt:
+            print(f"interrupted; the sections before it are in {out / 'validate.md'}", flush=True)
+            return 130
     print(f"report: {out / 'validate.md'} and {out / 'validate.json'}")
     return 1 if report.failed else 0
 

@@ -54,7 +54,7 @@ def test_runner_order_caps_kills_and_skips(tmp_path):
         Step("too_late", py("print('never')"), 20, min_s=1e6),
     ]
     start = time.monotonic()
-    ok = gpu_window.window(steps, tmp_path, budget_s=100, env=dict(os.environ), header=["- rehearsal"])
+    ok = gpu_window.window(steps, tmp_path, tmp_path, budget_s=100, env=dict(os.environ), header=["- rehearsal"])
     assert not ok and time.monotonic() - start < 150  # not the 300 s sleeps: the caps stopped them
     status = {s.name: s.result["status"] for s in steps}
     assert status == {"first": "ok", "broken": "failed", "needs_broken": "skipped", "overrun": "timeout",
@@ -73,10 +73,10 @@ def test_runner_order_caps_kills_and_skips(tmp_path):
 def test_budget_caps_a_step_and_an_empty_run_is_not_a_pass(tmp_path):
     steps = [Step("slow", py("import time; time.sleep(300)"), cap_s=600, min_s=0)]
     start = time.monotonic()
-    assert not gpu_window.window(steps, tmp_path, budget_s=1.5, env=dict(os.environ), header=[])
+    assert not gpu_window.window(steps, tmp_path, tmp_path, budget_s=1.5, env=dict(os.environ), header=[])
     assert steps[0].result["status"] == "timeout" and time.monotonic() - start < 100  # the budget stopped it
     skipped = [Step("late", py("print(1)"), 10, min_s=5)]
-    assert not gpu_window.window(skipped, tmp_path, budget_s=1, env=dict(os.environ), header=[])
+    assert not gpu_window.window(skipped, tmp_path, tmp_path, budget_s=1, env=dict(os.environ), header=[])
 
 
 def test_default_plan_runs_what_exists(tmp_path):
@@ -85,13 +85,20 @@ def test_default_plan_runs_what_exists(tmp_path):
     from kernels import validate
 
     steps = {s.name: s for s in gpu_window.default_steps(tmp_path / "out", tmp_path / "work")}
-    assert list(steps) == ["env", "validate", "tests", "train_bf16", "resume_fp16", "train_video", "timings"]
-    for name in ("validate", "timings"):
-        cmd = steps[name].cmd
-        assert set(cmd[cmd.index("--sections") + 1].split(",")) <= set(validate.SECTIONS)
-    run = set(validate.SECTIONS) - {"environment"}
-    covered = {sec for name in ("validate", "timings") for sec in steps[name].cmd[-1].split(",")}
-    assert run <= covered, f"validate sections no step runs: {run - covered}"
+    assert list(steps) == ["env", "validate", "validate_model", "tests", "train_bf16", "resume_fp16", "train_video",
+                           "training_step", "timings"]
+    reports = [s for s in steps.values() if s.report]
+    assert [s.name for s in reports] == ["validate", "validate_model", "training_step", "timings"]
+    covered = set()
+    for step in reports:  # each parses as validate's own CLI would
+        cmd = step.cmd
+        assert cmd[1:3] == ["-m", "kernels.validate"]
+        assert cmd[cmd.index("--out") + 1] == str(tmp_path / "work" / step.report)
+        sections = cmd[cmd.index("--sections") + 1].split(",")
+        assert set(sections) <= set(validate.SECTIONS) and sections[0] == "environment"
+        covered |= set(sections)
+    assert covered == set(validate.SECTIONS), f"validate sections no step runs: {set(validate.SECTIONS) - covered}"
+    assert len(reports) + 2 <= 8  # window.md, window.log and the reports: the device tool returns 8 files
     tests = [a for a in steps["tests"].cmd if a.startswith("tests/")]
     assert all((REPO / t).is_file() for t in tests)
     assert {"tests/test_kernels_sampling.py", "tests/test_data_augment_gpu.py"} <= set(tests)
@@ -102,6 +109,33 @@ def test_default_plan_runs_what_exists(tmp_path):
         assert cfg.logger.mode == "disabled" and cfg.model.backend == "triton"
     assert steps["resume_fp16"].after == "train_bf16"
     assert compose_cfg(steps["resume_fp16"].cmd[2:]).hardware.precision == "fp16"
+
+
+def test_a_step_that_prints_a_long_summary_when_interrupted_keeps_it(tmp_path):
+    """At the cap the step gets SIGINT and its output is read while it winds down: a summary longer
+    than the pipe's buffer (pytest's failures) would otherwise block it until the SIGKILL and be lost."""
+    summary = ("import sys, time\ntry:\n    time.sleep(300)\nexcept KeyboardInterrupt:\n"
+               "    sys.stdout.write('x' * 200_000 + '\\nend of summary\\n')")
+    step = Step("long_summary", py(summary), 3, min_s=0)
+    start = time.monotonic()
+    gpu_window.window([step], tmp_path, tmp_path, budget_s=100, env=dict(os.environ), header=[])
+    assert step.result["last_line"] == "end of summary" and step.result["rc"] == 0
+    assert time.monotonic() - start < 14  # not the 15 s wait for the kill
+
+
+def test_a_validate_steps_report_is_copied_and_the_commit_needs_no_git(tmp_path, monkeypatch):
+    write = ("import pathlib; p = pathlib.Path(%r) / 'rep'; p.mkdir(parents=True); "
+             "(p / 'validate.md').write_text('# report')")
+    step = Step("rep", py(write % str(tmp_path / "work")), 20, min_s=0, report="rep")
+    (tmp_path / "out").mkdir()
+    assert gpu_window.window([step], tmp_path / "out", tmp_path / "work", budget_s=60, env=dict(os.environ),
+                             header=[])
+    assert (tmp_path / "out" / "rep.md").read_text() == "# report"
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git on the machine
+    monkeypatch.delenv("GPU_WINDOW_COMMIT", raising=False)
+    assert gpu_window._commit() == "unknown (no git)"
+    monkeypatch.setenv("GPU_WINDOW_COMMIT", "abc1234")
+    assert gpu_window._commit() == "abc1234"
 
 
 def test_main_plans_refuses_without_a_gpu_and_checks_names(tmp_path, monkeypatch, capsys):

@@ -13,23 +13,27 @@ logger.mode=disabled). docs/KERNELS.md, "A GPU window", says how to read what co
 Steps, in order (each has a time cap; a step that would start with less than its minimum left of the
 budget is skipped, a step that runs past its cap is interrupted (SIGINT, as Ctrl-C) and then killed
 with its whole process group):
-  env           versions, the GPU, nvidia-smi
-  validate      kernels.validate without its timing sections: build facts, correctness, determinism,
-                the whole model under eager / compile / CUDA graphs
-  tests         the gpu-marked tests: the kernel tests on the device, device-side augmentation syncs
-  train_bf16    python train.py (SparseFormer-nano, cluttered MNIST, backend=triton) in bf16, stopped
-                after 60 steps with a checkpoint
-  resume_fp16   the same run resumed in fp16 (GradScaler) to the end of its 2 epochs
-  train_video   python train.py data=moving_digits (VideoSparseFormer-nano, the 3-D kernels) for 1 epoch
-  timings       kernels.validate's timing sections: the kernels against the floors and the eager
-                chains, a SparseFormer-T training step triton vs torch
-Writes <out>/window.md (the table, updated after every step), <out>/window.log (every step's output),
-<out>/validate/ and <out>/timings/ (kernels.validate's reports): six files, all within what the
-device tool brings back. Exits 1 when a step failed or timed out.
+  env             versions, the GPU, nvidia-smi
+  validate        kernels.validate's build facts, bandwidth, correctness (fp32, bf16 at SparseFormer-T
+                  shapes; fp16/fp64 are in the tests), determinism
+  validate_model  kernels.validate's model section: SparseFormer-T triton vs torch in fp32 and bf16,
+                  under torch.compile and CUDA-graph capture
+  tests           the gpu-marked tests: the kernel tests on the device, device-side augmentation syncs
+  train_bf16      python train.py (SparseFormer-nano, cluttered MNIST, backend=triton) in bf16, stopped
+                  after 60 steps with a checkpoint
+  resume_fp16     the same run resumed in fp16 (GradScaler) to the end of its 2 epochs
+  train_video     python train.py data=moving_digits (VideoSparseFormer-nano, the 3-D kernels) for 1 epoch
+  training_step   a SparseFormer-T training step at B = 128, triton vs torch: time and peak memory
+  timings         the kernels against the floors and the eager chains, with what is left
+Writes <out>/window.md (the table, updated after every step), <out>/window.log (every step's output)
+and <out>/<step>.md for the four kernels.validate steps (its report, copied after the step; the JSON
+stays under --work): six files, within the device tool's eight. The device call passes the commit
+(GPU_WINDOW_COMMIT=<hash>: the copied tree has no .git). Exits 1 when a step failed or timed out.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import glob
 import importlib.util
@@ -54,6 +58,7 @@ class Step:
     min_s: float = 20.0           # not started with less than this left of the budget
     needs: tuple[str, ...] = ()   # modules that must import (else: skipped, naming them)
     after: str | None = None      # a step that must have passed first
+    report: str | None = None     # a kernels.validate step: <work>/<report>/validate.md is copied to <out>/<report>.md
     result: dict = field(default_factory=dict)
 
 
@@ -65,10 +70,16 @@ def default_steps(out: Path, work: Path) -> list[Step]:
     # the kernel tests' time there is mostly Triton compiling ~100 specialisations, one CPU core each:
     # pytest-xdist (in the lent machine's image) spreads them over 8 processes
     parallel = ["-n", "8"] if importlib.util.find_spec("xdist") else []
+    def validate(name: str, sections: str, *extra: str) -> list[str]:  # its report: <work>/<name>/validate.md
+        return [PY, "-m", "kernels.validate", "--out", str(work / name), "--sections", sections, *extra]
+
     return [
         Step("env", [PY, "-c", ENV_REPORT], 30, min_s=5),
-        Step("validate", [PY, "-m", "kernels.validate", "--out", str(out / "validate"),
-                          "--sections", "environment,bandwidth,build,correctness,determinism,model"], 210, min_s=60),
+        # fp16 and fp64 are left to the tests step (small shapes): ~20 fewer kernels to compile here
+        Step("validate", validate("validate", "environment,bandwidth,build,correctness,determinism", "--dtypes",
+                                  "fp32,bf16"), 150, min_s=60, report="validate"),
+        Step("validate_model", validate("validate_model", "environment,model"), 150, min_s=60,
+             report="validate_model"),
         Step("tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *parallel, "-m", "gpu", *gpu_tests], 150,
              min_s=30),
         Step("train_bf16", [*train, "hardware.precision=bf16", f"run_dir={work / 'image'}", "trainer.epochs=2",
@@ -77,8 +88,9 @@ def default_steps(out: Path, work: Path) -> list[Step]:
                              "trainer.resume=auto"], 60, needs=stack, after="train_bf16"),
         Step("train_video", [*train, "data=moving_digits", "hardware.precision=bf16", f"run_dir={work / 'video'}",
                              "trainer.epochs=1"], 75, needs=stack),
-        Step("timings", [PY, "-m", "kernels.validate", "--out", str(out / "timings"),
-                         "--sections", "environment,timings,training_step"], 240, min_s=45),
+        Step("training_step", validate("training_step", "environment,training_step"), 90, min_s=40,
+             report="training_step"),
+        Step("timings", validate("timings", "environment,timings"), 240, min_s=45, report="timings"),
     ]
 
 
@@ -136,8 +148,7 @@ def run_step(step: Step, cap_s: float, env: dict, log) -> dict:
         out, _ = proc.communicate(timeout=cap_s)
         status = "ok" if proc.returncode == 0 else "failed"
     except subprocess.TimeoutExpired:
-        kill_group(proc)
-        out, _ = proc.communicate()
+        out = kill_group(proc)
         status = "timeout"
     seconds = time.monotonic() - start
     log(out or "")
@@ -152,24 +163,23 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen) -> str:
     """SIGINT to the step's process group first, as Ctrl-C would (pytest then prints its summary of
     what ran, train.py stops its ranks and says where), SIGKILL to whatever is left after 15 s: nothing
-    of a killed step keeps the GPU or the output pipe."""
-    try:
+    of a killed step keeps the GPU or the output pipe. The pipe is read meanwhile (a summary longer
+    than the pipe's buffer would otherwise block its writer until the kill). -> what the step printed."""
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=15)
-    except ProcessLookupError:
-        return
+    try:
+        return proc.communicate(timeout=15)[0] or ""
     except subprocess.TimeoutExpired:
         pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    return proc.communicate()[0] or ""
 
 
-def window(steps: list[Step], out: Path, budget_s: float, env: dict, header: list[str]) -> bool:
+def window(steps: list[Step], out: Path, work: Path, budget_s: float, env: dict, header: list[str]) -> bool:
     """Run the steps in order inside the budget; window.md after each. -> all ran and passed."""
     out.mkdir(parents=True, exist_ok=True)
     log = functools.partial(append_log, out / "window.log")
@@ -185,6 +195,8 @@ def window(steps: list[Step], out: Path, budget_s: float, env: dict, header: lis
             step.result = dict(status="skipped", reason=f"not importable: {', '.join(missing)} (make gpu-wheels)")
         else:
             step.result = run_step(step, min(step.cap_s, left), env, log)
+            if step.report and (work / step.report / "validate.md").is_file():
+                shutil.copyfile(work / step.report / "validate.md", out / f"{step.report}.md")
         write_summary(out / "window.md", steps, header, time.monotonic() - start, budget_s)
         print(f"[{step.result['status']:7s}] {step.name} {step.result.get('seconds', '')}", flush=True)
     return all(s.result["status"] in ("ok", "skipped") for s in steps) and any(
@@ -242,13 +254,20 @@ def main(argv=None) -> int:
            "PYTHONPATH": os.pathsep.join(p for p in (str(args.site), str(REPO), os.environ.get("PYTHONPATH")) if p)}
     header = [f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {_commit()}",
               f"- wheels: {wheels}"]
-    ok = window(steps, args.out, args.budget, env, header)
+    ok = window(steps, args.out, args.work, args.budget, env, header)
     print((args.out / "window.md").read_text())
     return 0 if ok else 1
 
 
 def _commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    """$GPU_WINDOW_COMMIT (the device call passes it: the copied tree may have no .git, the machine no
+    git), else git's, else unknown; never an error (it is only the report's header)."""
+    if os.environ.get("GPU_WINDOW_COMMIT"):
+        return os.environ["GPU_WINDOW_COMMIT"]
+    try:
+        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    except OSError:
+        return "unknown (no git)"
     return proc.stdout.strip() or "unknown (no git)"
 
 
