@@ -72,6 +72,16 @@ class BatchTransform(nn.Module):
         mix = mixup or {"prob": 0.0}
         self.mix = MixupCutmix(num_classes, label_smoothing=label_smoothing, **mix) if train else None
 
+    def _apply(self, fn, *args, **kwargs):
+        """`.to(cuda)` moves the buffers, not kornia's random samplers: kornia 0.9 would move those too,
+        then draw each batch's parameters on the GPU and copy them back to the CPU, a blocking copy
+        (a host sync) per batch. Drawn on the CPU, they reach the GPU by non-blocking copies."""
+        out = super()._apply(fn, *args, **kwargs)
+        for m in self.modules():
+            if m is not self and hasattr(m, "set_rng_device_and_dtype"):
+                m.set_rng_device_and_dtype(torch.device("cpu"), torch.float32)
+        return out
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, y: torch.Tensor):
         x = x.float().div_(255)

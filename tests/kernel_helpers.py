@@ -41,6 +41,14 @@ def kernel_devices() -> list:
     return []
 
 
+def gpu_when_compiled(fn):
+    """The property tests pick their device inside (hypothesis takes no parametrized fixture), so no
+    `device` parameter marks them: marked `gpu` here where the kernels run compiled on CUDA, so that
+    `pytest -m gpu` runs them there."""
+    devices = kernel_devices()
+    return pytest.mark.gpu(fn) if devices and devices[0].values[0] == "cuda" else fn
+
+
 @pytest.fixture(params=kernel_devices())
 def device(request):
     return torch.device(request.param)

@@ -1,8 +1,9 @@
 """On a CUDA GPU (`pytest -m gpu`): the device-side augmentation of the ImageNet and Kinetics recipes
 never makes the host wait for the GPU. A host sync per batch stalls the input pipeline: the CPU
-stops queueing kernels until the GPU drains. kornia 0.9 moves its random generators to the device
-with the module, so a `.item()` or a data-dependent branch in it would sync;
-`torch.cuda.set_sync_debug_mode("error")` turns each such sync into an error naming the op.
+stops queueing kernels until the GPU drains. kornia 0.9 moves its random samplers to the device with
+the module and copies each draw back to the CPU (a blocking copy); BatchTransform keeps them on the
+CPU (its `_apply`). `torch.cuda.set_sync_debug_mode("error")` turns any remaining sync (a `.item()`,
+a device-to-host copy, a data-dependent branch) into an error naming the op.
 No CPU variant: on the CPU nothing is asynchronous (the CPU suite runs both recipes in
 tests/test_data_video_augment.py and tests/test_train.py)."""
 from __future__ import annotations

@@ -128,3 +128,17 @@ def test_build_data_imagenet_loaders_count_skipped_files(root):
     assert skipped + seen == 9 and skipped == 1
     val = [b for b in data.val_loader]
     assert sum(b[2] for b in val) == 1 and sum(len(b[0]) for b in val) == 4
+
+
+def test_moving_the_transform_leaves_kornias_samplers_on_the_cpu():
+    """kornia 0.9 moves its random samplers with the module: on a GPU each batch's parameters would
+    then be drawn there and copied back to the CPU (a host sync per batch; tests/test_data_augment_gpu.py
+    checks it on a GPU). BatchTransform keeps them on the CPU in fp32 whatever it is moved to; here the
+    move is to fp64, which kornia alone would follow."""
+    tf = BatchTransform([0.5] * 3, [0.25] * 3, num_classes=4, train=True, randaugment={"n": 2, "m": 9},
+                        random_erasing=0.5).to(torch.float64)
+    samplers = [m for m in tf.modules() if hasattr(m, "set_rng_device_and_dtype") and hasattr(m, "device")]
+    assert len(samplers) > 10 and tf.mean.dtype == torch.float64
+    assert {(m.device.type, m.dtype) for m in samplers} == {("cpu", torch.float32)}
+    out, _ = tf((torch.rand(4, 3, 24, 24) * 255).to(torch.uint8), torch.tensor([0, 1, 2, 3]))
+    assert torch.isfinite(out).all()

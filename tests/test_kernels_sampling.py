@@ -13,6 +13,7 @@ from kernel_helpers import (
     assert_same_nans_and_close,
     break_kernels,
     given,
+    gpu_when_compiled,
     launch_one_program_too_few,
     settings,
     st,
@@ -199,6 +200,7 @@ def test_non_contiguous_inputs(poisoned, device, D):
     assert_close(gp, ref_gp, 1e-5, "grad points")
 
 
+@gpu_when_compiled
 @settings(max_examples=6, deadline=None, derandomize=True)
 @given(B=st.integers(1, 2), T=st.integers(1, 4), H=st.integers(1, 9), W=st.integers(1, 9), C=st.integers(1, 70),
        N=st.integers(1, 3), P=st.integers(1, 13), D=st.sampled_from([2, 3]), seed=st.integers(0, 2**16))
