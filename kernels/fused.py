@@ -274,6 +274,9 @@ def sample_and_mix_bwd(grad_out: Tensor, features: Tensor, points: Tensor, param
             *channel_bias.stride(), *spatial_bias.stride(),
         ), [{"HAS_CLAMP": clamp is not None, **cfg} for cfg in _configs(features, points, params, P, C, backward=True)],
             dev)
+    else:  # nothing to mix (P or C is 0): every gradient is zero, as the reference's
+        for t in (d_points, d_params, dbc, dbs):
+            t.zero_()
     return d_points, d_params, dbc.sum(0).to(params.dtype), dbs.sum(0).to(params.dtype)
 
 

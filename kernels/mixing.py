@@ -469,6 +469,9 @@ def adaptive_mix_bwd(grad_out: Tensor, x: Tensor, params: Tensor, channel_bias: 
             N, P, C,
             *grad_out.stride(), *x.stride(), *params.stride(), *channel_bias.stride(), *spatial_bias.stride(),
         ), mix_configs(P, C, x.dtype, _backend.target(dev), backward=True), dev)
+    else:  # nothing to mix (P or C is 0): every gradient is zero, as the reference's
+        for t in (dx, dparams, dbc, dbs):
+            t.zero_()
     return dx, dparams, dbc.sum(0).to(x.dtype), dbs.sum(0).to(x.dtype)
 
 

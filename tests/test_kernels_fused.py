@@ -177,3 +177,21 @@ def test_value_errors(index, value, match):
     inputs[index] = value
     with pytest.raises(ValueError, match=match):
         sample_and_mix(*inputs, backend="torch")
+
+
+@pytest.mark.parametrize("C, P", [(0, 4), (8, 0)], ids=["C0", "P0"])
+def test_nothing_to_mix_gives_zero_gradients(poisoned, device, C, P):
+    """P or C of 0: no program runs, and every gradient is the reference's zeros, not an unwritten buffer."""
+    for mix_only in (False, True):
+        inputs, grad_out = make_inputs(1, 1, 4, 4, C, 2, P, 2, torch.float32, device)
+        if mix_only:  # adaptive_mix on its own: x (B, N, P, C) in place of the map and points
+            from kernels import adaptive_mix
+
+            x = torch.randn(1, 2, P, C, device=device).requires_grad_(True)
+            leaves = [x] + [t.detach().clone().requires_grad_(True) for t in inputs[2:]]
+            adaptive_mix(*leaves, backend="triton").backward(grad_out)
+        else:
+            leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+            sample_and_mix(*leaves, backend="triton").backward(grad_out)
+        for leaf in leaves:
+            assert leaf.grad is not None and torch.equal(leaf.grad, torch.zeros_like(leaf.grad))
