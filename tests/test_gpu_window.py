@@ -84,7 +84,7 @@ def test_default_plan_runs_what_exists(tmp_path):
     that exist and compose; the gpu tests include the kernel tests and the augmentation sync test."""
     from kernels import validate
 
-    steps = {s.name: s for s in gpu_window.default_steps(tmp_path / "out", tmp_path / "work")}
+    steps = {s.name: s for s in gpu_window.default_steps(tmp_path / "work")}
     assert list(steps) == ["env", "validate", "validate_model", "tests", "train_bf16", "resume_fp16", "train_video",
                            "training_step", "timings"]
     reports = [s for s in steps.values() if s.report]
@@ -162,7 +162,7 @@ def test_tests_step_collects_on_a_python_without_the_training_stack(tmp_path):
         f"        if name.split('.')[0] in {TRAINING_STACK!r}:\n"
         "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
         "sys.meta_path.insert(0, Blocked())\n")
-    step = next(s for s in gpu_window.default_steps(tmp_path, tmp_path) if s.name == "tests")
+    step = next(s for s in gpu_window.default_steps(tmp_path) if s.name == "tests")
     tests = [a for a in step.cmd if a.startswith("tests/")]
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",

@@ -62,7 +62,7 @@ class Step:
     result: dict = field(default_factory=dict)
 
 
-def default_steps(out: Path, work: Path) -> list[Step]:
+def default_steps(work: Path) -> list[Step]:
     train = [PY, "train.py", "logger.mode=disabled", "+model.backend=triton", "hardware=auto"]
     gpu_tests = sorted(str(Path(p).relative_to(REPO)) for p in glob.glob(str(REPO / "tests" / "test_*.py"))
                        if Path(p).name.startswith("test_kernels_") or Path(p).stem.endswith("_gpu"))
@@ -70,6 +70,7 @@ def default_steps(out: Path, work: Path) -> list[Step]:
     # the kernel tests' time there is mostly Triton compiling ~100 specialisations, one CPU core each:
     # pytest-xdist (in the lent machine's image) spreads them over 8 processes
     parallel = ["-n", "8"] if importlib.util.find_spec("xdist") else []
+
     def validate(name: str, sections: str, *extra: str) -> list[str]:  # its report: <work>/<name>/validate.md
         return [PY, "-m", "kernels.validate", "--out", str(work / name), "--sections", sections, *extra]
 
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
     parser.add_argument("--plan", action="store_true", help="print the steps and exit")
     parser.add_argument("--allow-cpu", action="store_true", help="run without a GPU (rehearsal of the plumbing)")
     args = parser.parse_args(argv)
-    steps = default_steps(args.out.resolve(), args.work)
+    steps = default_steps(args.work)
     if args.only:
         names = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = sorted(set(names) - {s.name for s in steps})
