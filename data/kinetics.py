@@ -12,6 +12,8 @@ Both splits take the same layout: a list's labels cannot be checked against anot
 
 Clip sampling (SlowFast / VideoMAE): a clip is `num_frames` frames `frame_stride` apart (a span of
 (num_frames - 1) * frame_stride + 1 frames; indices past the last frame repeat the last frame).
+The stride counts decoded frames, whatever the video's frame rate (as VideoMAE and mmaction2 do;
+SlowFast resamples to 30 fps first): Kinetics is mostly 25-30 fps.
 - Training: one clip at a uniformly random start (temporal jitter), one random-resized-crop box and
   one flip decision for all its frames (`imagenet.random_resized_crop_box`), resized to image_size².
   Item: (uint8 clip (3, T, S, S), label).

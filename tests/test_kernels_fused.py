@@ -38,8 +38,9 @@ def run_both(inputs, grad_out, clamp=None, backend="triton"):
     ref_in = to64(*inputs)
     ref = sample_and_mix_reference(*ref_in)
     g_f, g_p, *g_mix = sample_and_mix_reference_backward(to64(grad_out)[0], *ref_in)
-    if clamp is not None:
-        g_p = g_p.clamp(-clamp, clamp)
+    if clamp is not None:  # a scalar, or one bound per axis (x, y, t)
+        bound = g_p.new_tensor(clamp)
+        g_p = torch.maximum(torch.minimum(g_p, bound), -bound)
     return (out, *[t.grad for t in leaves]), (ref, g_f, g_p, *g_mix)
 
 
@@ -74,6 +75,18 @@ def test_paper_shape_float64_and_clamp(poisoned, device):
     inputs[0] = inputs[0] * 4
     got, ref = run_both(inputs, grad_out, clamp=0.05)
     assert (ref[2].abs() >= 0.05).float().mean() > 0.2, "the clamp must bite"
+    check_all(got, ref, TOL[torch.float64])
+
+
+def test_3d_clamp_is_per_axis(poisoned, device):
+    """The video model's clamp: one bound per axis (x, y, t), each applied to its own coordinate."""
+    inputs, grad_out = make_inputs(1, 3, 6, 5, 16, 2, 9, 3, torch.float64, device)
+    inputs[0] = inputs[0] * 4
+    clamp = [0.08, 0.03, 0.2]
+    got, ref = run_both(inputs, grad_out, clamp=clamp)
+    for axis, bound in enumerate(clamp):  # every axis bites, at its own bound
+        g = ref[2][..., axis].abs()
+        assert (g == bound).any() and g.max() <= bound
     check_all(got, ref, TOL[torch.float64])
 
 
