@@ -215,6 +215,11 @@ def _reference(case: dict) -> list[torch.Tensor]:
     return [fwd(*inputs), *bwd(grad, *inputs)]
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
+    """Norm-wise relative error of a against b (b's norm floored at `floor`)."""
+    return ((a - b).norm() / b.norm().clamp_min(floor)).item()
+
+
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
@@ -226,7 +231,7 @@ def _compare(got, ref, dtype) -> tuple[float, bool]:
         if not torch.equal(torch.isnan(g), torch.isnan(r)):
             return float("nan"), False
         g, r = g.nan_to_num(), r.nan_to_num()
-        err = ((g - r).norm() / r.norm().clamp_min(1e-300)).item()
+        err = _rel(g, r, 1e-300)
         worst = max(worst, err)
     return worst, ok and worst <= TOL[dtype]
 
@@ -266,7 +271,7 @@ def determinism(device: torch.device, small: bool) -> dict:
         for i, (a, b) in enumerate(zip(first, second, strict=True)):
             what = "output" if i == 0 else f"grad {i - 1}"
             is_map = case["op"] != "adaptive_mix" and i == 1
-            drift = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+            drift = _rel(a, b, 1e-30)
             checks.append(dict(op=case["op"], tensor="grad map" if is_map else what, bitwise=torch.equal(a, b),
                                rel_drift=drift, ok=torch.equal(a, b) or (is_map and drift < 1e-5)))
         try:
@@ -285,10 +290,6 @@ def determinism(device: torch.device, small: bool) -> dict:
 
 
 BF16_MARGIN, BF16_SLACK = 2.0, 1e-2  # the model's bf16 check: Triton's error vs fp32 <= 2 x the reference's + 1e-2
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 def low_precision_verdict(precision: str, names: list[str], err_triton: list[float], err_torch: list[float]) -> dict:
@@ -360,7 +361,7 @@ def _compile_check(m, x, device) -> dict:
     m.zero_grad(set_to_none=True)
     ref = m(x)
     out = compiled(x)
-    err = ((out - ref).norm() / ref.norm()).item()
+    err = _rel(out, ref, 0.0)
     return dict(check="torch.compile, triton", worst_rel_err=err, tol=1e-4, ok=err <= 1e-4)
 
 
@@ -384,7 +385,7 @@ def _cuda_graph_check(m, x) -> dict:
     graph.replay()
     torch.cuda.synchronize()
     eager_logits = m(static_x).detach()
-    err = ((static_logits - eager_logits).norm() / eager_logits.norm()).item()
+    err = _rel(static_logits, eager_logits, 0.0)
     finite = all(torch.isfinite(p.grad).all().item() for p in opt_grads if p.grad is not None)
     return dict(check="CUDA graph capture + replay", worst_rel_err=err, tol=1e-4, ok=err <= 1e-4 and finite)
 

@@ -71,16 +71,16 @@ def default_steps(work: Path) -> list[Step]:
     # pytest-xdist (in the lent machine's image) spreads them over 8 processes
     parallel = ["-n", "8"] if importlib.util.find_spec("xdist") else []
 
-    def validate(name: str, sections: str, *extra: str) -> list[str]:  # its report: <work>/<name>/validate.md
-        return [PY, "-m", "kernels.validate", "--out", str(work / name), "--sections", sections, *extra]
+    def validate(name: str, sections: str, cap_s: float, min_s: float, *extra: str) -> Step:
+        """A kernels.validate step: its report, <work>/<name>/validate.md, comes back as <out>/<name>.md."""
+        cmd = [PY, "-m", "kernels.validate", "--out", str(work / name), "--sections", sections, *extra]
+        return Step(name, cmd, cap_s, min_s=min_s, report=name)
 
     return [
         Step("env", [PY, "-c", ENV_REPORT], 30, min_s=5),
         # fp16 and fp64 are left to the tests step (small shapes): ~20 fewer kernels to compile here
-        Step("validate", validate("validate", "environment,bandwidth,build,correctness,determinism", "--dtypes",
-                                  "fp32,bf16"), 150, min_s=60, report="validate"),
-        Step("validate_model", validate("validate_model", "environment,model"), 150, min_s=60,
-             report="validate_model"),
+        validate("validate", "environment,bandwidth,build,correctness,determinism", 150, 60, "--dtypes", "fp32,bf16"),
+        validate("validate_model", "environment,model", 150, 60),
         Step("tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *parallel, "-m", "gpu", *gpu_tests], 150,
              min_s=30),
         Step("train_bf16", [*train, "hardware.precision=bf16", f"run_dir={work / 'image'}", "trainer.epochs=2",
@@ -89,9 +89,8 @@ def default_steps(work: Path) -> list[Step]:
                              "trainer.resume=auto"], 60, needs=stack, after="train_bf16"),
         Step("train_video", [*train, "data=moving_digits", "hardware.precision=bf16", f"run_dir={work / 'video'}",
                              "trainer.epochs=1"], 75, needs=stack),
-        Step("training_step", validate("training_step", "environment,training_step"), 90, min_s=40,
-             report="training_step"),
-        Step("timings", validate("timings", "environment,timings"), 240, min_s=45, report="timings"),
+        validate("training_step", "environment,training_step", 90, 40),
+        validate("timings", "environment,timings", 240, 45),
     ]
 
 
