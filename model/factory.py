@@ -43,6 +43,16 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def model_class(name: str) -> type:
+    """The class a registered name builds (its `takes_clips`, its accepted arguments), building nothing."""
+    return check_model_args(name)[0]
+
+
+def model_defaults(name: str) -> dict:
+    """A registered name's default keyword arguments (a copy)."""
+    return dict(check_model_args(name)[1])
+
+
 def check_model_args(name: str, pretrained=False, **overrides) -> tuple[type, dict]:
     """(class, its keyword arguments) for `create_model(name, pretrained, **overrides)`, or a
     ValueError naming the unknown name, the unknown override or the unusable `pretrained`; builds nothing."""

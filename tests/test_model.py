@@ -251,3 +251,17 @@ def test_python_m_model_flops_has_no_runpy_warning():
 
     code = "import sys, model; assert 'model.flops' not in sys.modules; model.count_flops"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+
+
+def test_flops_count_the_mixing_apart_inside_a_wrapper_too():
+    """FrameAveraged holds a SparseFormer: the count switches it to the unfused ops as well (the fused
+    op lumps the mixing GEMMs in with sampling), and puts its setting back."""
+    inner = {"fused_sample_mix": True, "backend": "torch"}
+    framewise = model.create_model("framewise_sparseformer_nano", image_kwargs=inner)
+    image = model.create_model("sparseformer_nano", **inner)
+    got, want = model.count_flops(framewise, 64, num_frames=2), model.count_flops(image, 64)
+    assert want["mixing_macs"] > 0
+    # per clip: the image model's count on each of the 2 frames
+    assert got["mixing_macs"] == pytest.approx(2 * want["mixing_macs"])
+    assert got["macs"] == pytest.approx(2 * want["macs"])
+    assert framewise.image_model.fused_sample_mix is True
