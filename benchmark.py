@@ -55,6 +55,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from model import count_flops, create_model, list_models
+from model.factory import accepted_arguments, model_class, model_defaults
 from model.memory import saved_tensor_bytes
 from model.sparseformer import VARIANTS as SPARSEFORMER_VARIANTS
 from model.sparseformer import SparseFormer
@@ -95,6 +96,9 @@ def sweep_points(sweep: DictConfig) -> list[Point]:
     unknown = [m for m in sweep.modes if m not in MODES] + [m for m in sweep.models if m not in list_models()]
     if unknown:
         raise ValueError(f"unknown mode(s) / model(s) {unknown}; modes: {list(MODES)}, models: {list_models()}")
+    clips = [m for m in sweep.models if takes_clips(m)]
+    if clips:
+        raise ValueError(f"sweep.models={clips}: video model(s), which take clips; put them in sweep.video.models")
     resolutions = list(dict.fromkeys([*sweep.resolutions, *([sweep.token_resolution] if sweep.tokens else [])]))
     points: list[Point] = []
     for mode in sweep.modes:
@@ -126,6 +130,10 @@ def video_points(sweep: DictConfig, mode: str) -> list[Point]:
     unknown = [m for m in video.models if m not in list_models()]
     if unknown:
         raise ValueError(f"unknown video model(s) {unknown}; models: {list_models()}")
+    images = [m for m in video.models if not takes_clips(m)]
+    if images:
+        raise ValueError(f"sweep.video.models={images}: image model(s); put them in sweep.models (a video model "
+                         f"takes clips: {[m for m in list_models() if takes_clips(m)]})")
     points = []
     for name in video.models:
         for frames in video.frames:
@@ -139,24 +147,50 @@ def is_video_sparseformer(name: str) -> bool:
     return name.startswith("videosparseformer")
 
 
+def takes_clips(name: str) -> bool:
+    return getattr(model_class(name), "takes_clips", False)
+
+
+def uses_backend(name: str) -> bool:
+    """The model runs our kernels (a SparseFormer, or an image SparseFormer per frame): backend= applies."""
+    cls, defaults = model_class(name), model_defaults(name)
+    return "backend" in accepted_arguments(cls) or is_sparseformer(str(defaults.get("image_model", "")))
+
+
+def model_overrides(point: Point, backend: str) -> dict:
+    """create_model overrides of a point: the backend, token count, resolution and frames, each where
+    the model has it (a SparseFormer reads any size; a ViT is built for one; the CNN has no tokens)."""
+    accepted = accepted_arguments(model_class(point.model))
+    overrides: dict = {}
+    if "backend" in accepted:
+        overrides["backend"] = backend
+    elif uses_backend(point.model):  # FrameAveraged: the image model's
+        overrides["image_kwargs"] = {**(model_defaults(point.model).get("image_kwargs") or {}), "backend": backend}
+    if point.tokens is not None:
+        overrides["num_tokens"] = point.tokens
+    if "img_size" in accepted:
+        overrides["img_size"] = point.resolution
+    if point.frames is not None and "num_frames" in accepted:
+        overrides["num_frames"] = point.frames
+    return overrides
+
+
 def build_model(point: Point, backend: str) -> nn.Module:
     """The model of a point on the CPU (moved to the device by the caller)."""
-    if point.frames is not None and not is_video_sparseformer(point.model):  # a dense video model (ViViT)
-        return create_model(point.model, img_size=point.resolution, num_frames=point.frames)
-    if is_sparseformer(point.model) or is_video_sparseformer(point.model):
-        overrides = {"backend": backend}
-        if point.tokens is not None:
-            overrides["num_tokens"] = point.tokens
-        return create_model(point.model, **overrides)
-    return create_model(point.model, img_size=point.resolution)
+    return create_model(point.model, **model_overrides(point, backend))
 
 
-def token_count(model: nn.Module, resolution: int) -> int:
-    """SparseFormer: its latent tokens; a ViT: its sequence length (patches + class token)."""
-    if isinstance(model, SparseFormer):
-        return model.num_tokens
+def token_count(model: nn.Module, resolution: int) -> int | None:
+    """SparseFormer (or one per frame): its latent tokens; a ViT: its sequence length (patches + class
+    token; ViViT: tubelets); a model without tokens (the CNN): None."""
+    inner = getattr(model, "image_model", model)
+    if isinstance(inner, SparseFormer):
+        return inner.num_tokens
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None:
+        return None
     frames = getattr(model, "num_frames", None)  # ViViT: tubelets of tubelet_size frames
-    per_frame = (resolution // model.patch_embed.stride[-1]) ** 2
+    per_frame = (resolution // patch_embed.stride[-1]) ** 2
     return (per_frame * (frames // model.tubelet_size) if frames else per_frame) + 1
 
 
@@ -171,6 +205,9 @@ def is_oom(err: BaseException) -> bool:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+MEASURED_STEP = "benchmark::measured_step"  # the profiler label of the step whose peak memory is read
 
 
 class Runner:
@@ -245,19 +282,25 @@ class Runner:
             self.step(batch_size)
             synchronize(self.device)
             return (held + torch.cuda.max_memory_allocated(self.device) - before) / 2**20
+        # The profiler sees the frees of blocks allocated inside it only: a training step frees the last
+        # step's gradients (zero_grad after the forward), so it runs one step unmeasured under the
+        # profiler first and measures the second (else its peak counts the gradients twice).
         activities = [torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-            self.step(batch_size)
+            if self.mode == "train":
+                self.step(batch_size)
+            with torch.profiler.record_function(MEASURED_STEP):
+                self.step(batch_size)
+        results = prof.profiler.kineto_results.events()
+        start = min(e.start_ns() for e in results if e.name() == MEASURED_STEP)
         cpu = torch._C._autograd.DeviceType.CPU
-        events = sorted(
-            (e.start_ns(), e.nbytes())
-            for e in prof.profiler.kineto_results.events()
-            if e.name() == "[memory]" and e.device_type() == cpu
-        )
-        running = peak = 0
-        for _, nbytes in events:
-            running += nbytes
-            peak = max(peak, running)
+        events = sorted((e.start_ns(), e.nbytes()) for e in results
+                        if e.name() == "[memory]" and e.device_type() == cpu)
+        rise = peak = 0  # from what the step starts with: `held` (the unmeasured step's gradients are in it)
+        for t, nbytes in events:
+            if t >= start:
+                rise += nbytes
+                peak = max(peak, rise)
         return (held + peak) / 2**20
 
 
@@ -265,18 +308,32 @@ class Runner:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is visible; use device=cpu (or auto)")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+    if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
         raise ValueError(f"device must be auto, cpu or cuda[:i], got {name!r}")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name} but no CUDA device is visible; use device=cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def check_counts(section: str, values: dict, minimum: dict) -> None:
+    """SweepConfigError unless each of `values` is an integer >= its minimum (0 repeats times nothing:
+    a median of nothing; a negative warm-up silently none)."""
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum[key]:
+            what = "a positive integer" if minimum[key] == 1 else f"an integer >= {minimum[key]}"
+            raise SweepConfigError(f"{section}.{key} must be {what}, got {value!r}")
 
 
 def _row(point: Point, cfg: DictConfig, device: torch.device, **values) -> dict:
     row = dict.fromkeys(COLUMNS)
     row.update(model=point.model, resolution=point.resolution, frames=point.frames, batch_size=cfg.sweep.batch_size,
                mode=point.mode, device=str(device), precision=cfg.precision,
-               backend=cfg.backend if is_sparseformer(point.model) or is_video_sparseformer(point.model) else "dense",
+               backend=cfg.backend if uses_backend(point.model) else "dense",
                threads=torch.get_num_threads(), repeats=cfg.sweep.repeats)
     row.update(values)
     return row
@@ -641,9 +698,14 @@ def log_wandb(cfg: DictConfig, rows: list[dict], files: list[Path], meta: dict, 
 # ----------------------------------------------------------------------------- entry points
 def run_kernels(cfg: DictConfig, device: torch.device, run_dir: Path) -> list[dict]:
     """mode=kernels: kernels/benchmark.py's micro-benchmarks, written as kernels.csv / kernels.json."""
-    from kernels.benchmark import format_table, run_kernel_benchmarks
+    from kernels.benchmark import CPU_MAX_BATCH, format_table, run_kernel_benchmarks
 
     k = cfg.kernels
+    if device.type == "cpu" and not any(b <= CPU_MAX_BATCH for b in k.batch_sizes):
+        raise SweepConfigError(f"kernels.batch_sizes={list(k.batch_sizes)}: the CPU runs batches <= {CPU_MAX_BATCH} "
+                               f"only (the references alone take seconds there); add one, or run on a GPU")
+    if device.index is not None:  # the kernel benchmarks run on the current CUDA device
+        torch.cuda.set_device(device)
     rows = run_kernel_benchmarks(device=device.type, dtypes=list(k.dtypes), batch_sizes=list(k.batch_sizes),
                                  variants=list(k.variants), repeats=k.repeats, passes=list(k.passes))
     table = format_table(rows)
@@ -709,16 +771,23 @@ def run_memory(cfg: DictConfig, device: torch.device, run_dir: Path) -> list[dic
     return rows
 
 
+MALLOC_THRESHOLD = 1 << 30  # bytes: buffers below it come from the heap, and up to it stays there when freed
+
+
 def keep_freed_memory() -> bool:
     """glibc only: raise the mmap and trim thresholds (mallopt) so that freed activation buffers stay
     in the heap for the next call instead of going back to the OS and being page-faulted in again
     (what jemalloc / tcmalloc give PyTorch CPU inference). Every model of the sweep runs under it."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 4 << 30))
+        mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
+    # mallopt(int, int): both values must fit a C int (ctypes wraps larger ones silently: 4 << 30 passed
+    # as the trim threshold became 0, which trims the heap on every free, the opposite of the intent)
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, MALLOC_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, MALLOC_THRESHOLD))
 
 
 class SweepConfigError(ValueError):
@@ -733,11 +802,12 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> list[dict]:
     device = resolve_device(cfg.device)
     malloc_tuned = device.type == "cpu" and cfg.keep_freed_memory and keep_freed_memory()
     if cfg.mode == "kernels":
+        check_counts("kernels", {"repeats": cfg.kernels.repeats}, {"repeats": 1})
         return run_kernels(cfg, device, run_dir)
-    for key in ("batch_size", "repeats"):  # 0 would time nothing: a throughput of 0.00 or a median of nothing
-        value = cfg.sweep[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise SweepConfigError(f"sweep.{key} must be a positive integer, got {value!r}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {cfg.precision!r}")
+    check_counts("sweep", {k: cfg.sweep[k] for k in ("batch_size", "repeats", "latency_repeats", "warmup")},
+                 {"batch_size": 1, "repeats": 1, "latency_repeats": 0, "warmup": 0})
     if cfg.mode == "memory":
         return run_memory(cfg, device, run_dir)
     if cfg.mode == "tradeoff":

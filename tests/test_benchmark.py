@@ -136,7 +136,9 @@ def test_sweep_points_cover_resolutions_and_tokens():
 
 
 def test_every_sweep_config_composes():
-    for name in ("cpu", "full", "smoke"):
+    names = sorted(p.stem for p in (Path(CONF) / "sweep").glob("*.yaml"))
+    assert {"cpu", "full", "smoke", "video"} <= set(names)
+    for name in names:
         cfg = config(sweep=name)
         assert benchmark.sweep_points(cfg.sweep), name
 
@@ -212,3 +214,106 @@ def test_zero_batch_size_or_repeats_is_a_clear_error(tmp_path, key):
     with pytest.raises(benchmark.SweepConfigError, match=f"sweep.{key} must be a positive integer, got 0"):
         benchmark.run(config(f"sweep.{key}=0"), tmp_path, progress=False)
     assert not list(tmp_path.glob("*.csv"))
+
+
+KEEPS_FREED = """
+import ctypes, sys
+import benchmark
+libc = ctypes.CDLL("libc.so.6")
+if not hasattr(libc, "mallinfo2"):
+    sys.exit(3)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "1":
+    assert benchmark.keep_freed_memory()
+blocks = [libc.malloc(40 << 20) for _ in range(8)]
+for b in blocks:
+    libc.free(b)
+print(libc.mallinfo2().arena >> 20)
+"""
+
+
+def test_keep_freed_memory_keeps_freed_buffers_in_the_heap():
+    """The CPU sweep's allocator setting: 8 freed 40 MiB buffers (above glibc's largest dynamic mmap
+    threshold, so by default mapped and unmapped each time) stay in the heap for the next call.
+    (Its trim threshold was passed as 4 << 30, which ctypes wrapped to 0: the heap was trimmed on every free.)"""
+    import subprocess
+    import sys
+
+    def heap_mib(tuned: bool) -> int:
+        run = subprocess.run([sys.executable, "-c", KEEPS_FREED, "1" if tuned else "0"], capture_output=True,
+                             text=True, cwd=Path(benchmark.__file__).resolve().parent)
+        if run.returncode == 3:
+            pytest.skip("glibc without mallinfo2")
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout.split()[-1])
+
+    assert heap_mib(tuned=True) >= 320
+    assert heap_mib(tuned=False) < 320  # glibc's own thresholds give them back
+
+
+def test_training_step_peak_memory_counts_the_gradients_once():
+    """The CPU peak of a training step reads the profiler's allocation events, which miss the frees of
+    blocks allocated before the profiler started: the previous step's gradients (freed by zero_grad
+    after the forward) were counted twice by the first measurement, not by a second one."""
+    torch.manual_seed(0)
+    m = benchmark.create_model("sparseformer_nano")
+    runner = benchmark.Runner(m, "train", 2, 64, torch.device("cpu"), "fp32", seed=0)
+    runner.step(2)
+    first, second = runner.peak_memory_mb(2), runner.peak_memory_mb(2)
+    grads_mib = sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
+    assert first == pytest.approx(second, abs=0.05 * grads_mib)
+
+
+def test_every_kind_of_registered_model_can_be_swept(tmp_path):
+    """The CNN (no tokens, any size) among the image models, the frame-wise SparseFormer (the image
+    model on each frame) among the video models: each built with only the arguments it has."""
+    cfg = config("logger.mode=disabled", "sweep.models=[cnn_small,sparseformer_nano]", "sweep.reference=null",
+                 "sweep.video.models=[framewise_sparseformer_nano,vivit_nano]", "sweep.video.frames=[4]",
+                 "sweep.video.resolution=32", "sweep.video.reference=vivit_nano", "sweep.repeats=1")
+    rows = benchmark.run(cfg, tmp_path, progress=False)
+    by_model = {r["model"]: r for r in rows}
+    assert set(by_model) == {"cnn_small", "sparseformer_nano", "framewise_sparseformer_nano", "vivit_nano"}
+    assert all(r["status"] == "ok" and r["gmacs"] > 0 for r in rows)
+    assert by_model["cnn_small"]["tokens"] is None and by_model["cnn_small"]["backend"] == "dense"
+    framewise = by_model["framewise_sparseformer_nano"]
+    assert framewise["tokens"] == benchmark.SPARSEFORMER_VARIANTS["sparseformer_nano"]["num_tokens"]
+    assert framewise["backend"] == "auto" and framewise["frames"] == 4
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["sweep.models=[vivit_nano]"], r"sweep.models=\['vivit_nano'\]: video model"),
+    (["sweep.video.models=[deit_tiny]"], r"sweep.video.models=\['deit_tiny'\]: image model"),
+])
+def test_a_model_in_the_wrong_sweep_is_refused_before_any_timing(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        benchmark.run(config("logger.mode=disabled", *overrides), tmp_path, progress=False)
+    assert not list(tmp_path.glob("*.csv"))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["sweep.warmup=-3"], r"sweep.warmup must be an integer >= 0, got -3"),
+    (["sweep.latency_repeats=-1"], r"sweep.latency_repeats must be an integer >= 0, got -1"),
+    (["mode=kernels", "kernels.repeats=0"], r"kernels.repeats must be a positive integer, got 0"),
+    (["mode=kernels", "kernels.batch_sizes=[16]"], r"kernels.batch_sizes=\[16\]: the CPU runs batches <= 8"),
+    (["mode=memory", "precision=fp8"], r"precision must be one of"),
+])
+def test_settings_that_cannot_give_a_measurement_stop_at_start(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        benchmark.run(config("logger.mode=disabled", *overrides), tmp_path, progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
+def test_a_cuda_device_without_cuda_is_a_clear_error(device):
+    with pytest.raises(ValueError, match=f"device={device} but no CUDA device is visible"):
+        benchmark.resolve_device(device)
+
+
+def test_a_malformed_device_is_a_clear_error():
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda"):
+        benchmark.resolve_device("cuda:x")
