@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -44,7 +45,7 @@ from model.hub import read_checkpoint  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
 from training import dist, lifecycle  # noqa: E402
 from training.checkpoint import TrainState  # noqa: E402
-from training.config import ConfigError, register_resolvers, resolve_hardware, validate  # noqa: E402
+from training.config import ConfigError, register_resolvers, resolve_hardware, resume_changes, validate  # noqa: E402
 from training.logger import Logger  # noqa: E402
 from training.optim import EMA, build_optimizer, lr_at  # noqa: E402
 from training.visualize import draw_sampling, draw_tubes, figure_to_array  # noqa: E402
@@ -165,6 +166,7 @@ class Run:
     start_time: float
     train_skipped: int = 0
     cpu_start: float = 0.0  # time.process_time() at setup (trainer.cpu_budget_s)
+    cpu_before: float = 0.0  # the training CPU seconds of the run before this start (its checkpoint's)
     budget_spent: float = 0.0  # fraction of trainer.cpu_budget_s used (measure_budget)
     result: dict | None = None
 
@@ -178,14 +180,27 @@ class Run:
         tr = self.cfg.trainer
         return self.state.step >= self.max_steps or self.state.epoch >= tr.epochs or self.budget_spent >= 1
 
+    def count_cpu(self) -> None:
+        """state.cpu_seconds = CPU seconds (time.process_time, all threads) of the training processes,
+        summed over ranks, the seconds before this start (a resumed run's, kept in its checkpoints)
+        included; data-loader workers are not counted. One all-reduce: ranks agree."""
+        spent = torch.tensor([time.process_time() - self.cpu_start], dtype=torch.float64, device=self.info.device)
+        self.state.cpu_seconds = self.cpu_before + dist.all_reduce_sum(spent, self.info).item()
+
     def measure_budget(self) -> None:
-        """budget_spent = the fraction of trainer.cpu_budget_s used: CPU seconds (time.process_time, all
-        threads) of the training processes since setup, summed over ranks, so a run gets the same compute
-        whatever else loads the machine; data-loader workers are not counted. One all-reduce: ranks agree."""
+        """budget_spent = the fraction of trainer.cpu_budget_s used (count_cpu), so a run gets the same
+        compute whatever else loads the machine, across resumes too."""
         budget = self.cfg.trainer.get("cpu_budget_s")
         if budget:
-            spent = torch.tensor([time.process_time() - self.cpu_start], dtype=torch.float64, device=self.info.device)
-            self.budget_spent = dist.all_reduce_sum(spent, self.info).item() / budget
+            self.count_cpu()
+            self.budget_spent = self.state.cpu_seconds / budget
+
+    def save(self) -> None:
+        """Collective: the checkpoint, with the CPU seconds up to now (under a budget, measure_budget
+        counted them at this step)."""
+        if not self.cfg.trainer.get("cpu_budget_s"):
+            self.count_cpu()
+        self.state.save(self.checkpoint_path, self.info)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -246,7 +261,8 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
     state.wandb_id = logger.run_id or state.wandb_id
     log_run_summary(cfg, state, data, info, logger, flops)
     return Run(cfg, run_dir, info, precision, data, state, ddp_model, logger, pick_roi_images(cfg, data, model, info),
-               start_time, cpu_start=time.process_time())
+               start_time, cpu_start=time.process_time(), cpu_before=state.cpu_seconds,
+               budget_spent=state.cpu_seconds / cfg.trainer.cpu_budget_s if cfg.trainer.get("cpu_budget_s") else 0.0)
 
 
 def use_checkpoint_model(cfg: DictConfig, run_dir: Path, info: dist.DistInfo) -> tuple[Path, dict] | None:
@@ -316,6 +332,8 @@ def resume(state: TrainState, cfg: DictConfig, run_dir: Path, info: dist.DistInf
     random.seed(cfg.seed + info.rank)
     path = resume_path(cfg, run_dir)
     if path is None:
+        if cfg.trainer.eval_only:  # model.pretrained's weights: an "EMA" would be a copy of them
+            state.ema = None
         if cfg.trainer.resume == "auto" and info.is_main:
             log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", run_dir / "checkpoints")
         return
@@ -324,12 +342,34 @@ def resume(state: TrainState, cfg: DictConfig, run_dir: Path, info: dist.DistInf
         state.load_state_dict(read_once[1], info.rank)
     else:
         state.restore(path, info)
+    if not cfg.trainer.eval_only:
+        check_resumed_config(state.config, config, path, cfg.trainer.allow_config_change, info)
+        if state.ema is not None and not state.restored_ema and info.is_main:
+            log.warning("%s holds no EMA: the EMA starts from its weights at step %d", path, state.step)
+    elif not state.restored_ema:  # nothing to report as the EMA: not a fresh copy of random or raw weights
+        state.ema = None
     if state.schedule != schedule and info.is_main:
         log.warning("the config's lr schedule %s differs from the checkpoint's %s: following the config",
                     schedule, state.schedule)
     state.schedule, state.config = schedule, config  # this run's, saved from now on
     if info.is_main:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batch_in_epoch)
+
+
+def check_resumed_config(saved: dict, now: dict, path: Path, allowed: bool, info: dist.DistInfo) -> None:
+    """A resume continues the run it resumes: a setting that changes what is computed (model, data,
+    optimiser, schedule, batch, ranks, seed; training.config.RESUME_MAY_CHANGE lists what may change)
+    stops it with the list, unless trainer.allow_config_change=true (then it is logged)."""
+    changes = resume_changes(saved, now) if saved else []
+    if not changes:
+        return
+    listed = "; ".join(changes)
+    if not allowed:
+        raise ConfigError(f"trainer.resume: this command's config differs from the run in {path}: {listed}. Repeat "
+                          "the run's own overrides (its train.log prints the resume command), or add "
+                          "trainer.allow_config_change=true to continue with these settings")
+    if info.is_main:
+        log.warning("trainer.allow_config_change: continuing %s with changed settings: %s", path, listed)
 
 
 def log_run_summary(cfg: DictConfig, state: TrainState, data: Data, info: dist.DistInfo, logger: Logger,
@@ -466,9 +506,9 @@ def train_one_epoch(run: Run) -> bool:
                 bar.set_postfix(loss=f"{loss_sum / n_steps:.3f}" if n_steps else "inf", lr=f"{lr:.2e}",
                                 img_s=f"{img_s:.0f}")
             window, t0 = torch.zeros_like(window), time.perf_counter()
-        if cfg.trainer.ckpt_every_steps and state.step % cfg.trainer.ckpt_every_steps == 0:
-            state.save(run.checkpoint_path, info)
         run.measure_budget()
+        if cfg.trainer.ckpt_every_steps and state.step % cfg.trainer.ckpt_every_steps == 0:
+            run.save()
         if state.step >= run.max_steps or run.budget_spent >= 1:
             break
     bar.close()
@@ -481,7 +521,7 @@ def train_one_epoch(run: Run) -> bool:
                          f"all {epoch_skipped} files of an epoch were skipped (see the warnings above)")
     if end_of_epoch:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-    state.save(run.checkpoint_path, info)
+    run.save()
     return end_of_epoch
 
 
@@ -566,16 +606,26 @@ def launch_local_processes(cfg: DictConfig, run_dir: str, overrides: list[str]) 
     returncode = lifecycle.run_child(cmd, env)
     failure = lifecycle.take_rank_failure(run_dir)
     if returncode in (-signal.SIGINT, -signal.SIGTERM):
-        last = ckpt.find_last(Path(run_dir))
-        step = ckpt.load(last).get("step", "?") if last else 0
-        raise SystemExit(f"interrupted at step {step} (the last checkpoint); resume with: python train.py "
-                         f"{' '.join(keep)} run_dir={Path(run_dir).resolve()} trainer.resume=auto")
+        raise SystemExit(interrupted(run_dir, keep))
     if failure:
         raise SystemExit(f"training failed: {failure} (traceback in {run_dir}/train.log)")
     if returncode:
         raise SystemExit(f"the {n} training processes failed (exit code {returncode}); see {run_dir}/train.log")
     result = Path(run_dir) / "result.json"
     return json.loads(result.read_text())["top1"] if result.is_file() else None
+
+
+def interrupted(run_dir: str | Path, overrides: list[str]) -> str:
+    """The line a stopped run ends with: its last checkpoint's step and the command that continues it."""
+    last = ckpt.find_last(Path(run_dir))
+    step = ckpt.load(last).get("step", "?") if last else 0
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("run_dir=", "trainer.resume="))]
+    command = shlex.join(["python", "train.py", *keep, f"run_dir={Path(run_dir).resolve()}", "trainer.resume=auto"])
+    return f"interrupted at step {step} (the last checkpoint); resume with: {command}"
+
+
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -593,10 +643,19 @@ def main(cfg: DictConfig) -> float:
     run_dir = HydraConfig.get().runtime.output_dir
     if launches_processes(cfg):
         return launch_local_processes(cfg, run_dir, overrides)
+    single = "RANK" not in os.environ  # one process of our own (no torchrun around it)
+    if single:  # `kill PID` stops it as Ctrl-C does: the line below, not a silent end
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         return train(cfg, run_dir)
+    except KeyboardInterrupt:
+        if not single:
+            raise
+        raise SystemExit(interrupted(run_dir, overrides)) from None
     except Exception as e:
         if os.environ.get("SPARSEFORMER_LAUNCHED") != "1":
+            if isinstance(e, ConfigError):  # found once the checkpoint is read (a resume's changed settings)
+                raise SystemExit(f"config error: {e}") from None
             raise
         # a rank of our own launcher: the traceback goes to train.log, one line to the launcher
         lifecycle.record_rank_failure(run_dir, e, int(os.environ.get("RANK", "0")))

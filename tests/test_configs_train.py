@@ -228,6 +228,8 @@ def test_slurm_launcher_config_composes():
     ("hardware.precision=fp8", "hardware.precision"),
     ("hardware.matmul_precision=tf32", "hardware.matmul_precision"),
     ("trainer.eval_only=true", "trainer.eval_only"),
+    ("trainer.allow_config_change=maybe", "trainer.allow_config_change"),
+    ("trainer.epochs=5 schedule.warmup_epochs=5", "schedule.warmup_epochs=5 >= trainer.epochs=5"),
     ("data.canvas_size=20", "data.canvas_size"),
     ("+data.canvas=64", "data.canvas"),
     ("+model.num_tokenz=3", "num_tokenz"),

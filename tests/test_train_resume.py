@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,3 +79,106 @@ def test_killed_run_resumes_from_its_last_checkpoint(uninterrupted, tmp_path):
     got = losses(tmp_path)
     assert [got[s] for s in range(1, 13)] == [ref[s] for s in range(1, 13)]  # the redone steps too
     assert top1 == ref_top1
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A run stopped after 2 of its 12 steps (its checkpoint: last.pt at step 2)."""
+    run_dir = tmp_path_factory.mktemp("two_steps")
+    train_script.train(compose_cfg([*ARGS, f"run_dir={run_dir}", "trainer.max_steps=2"]), run_dir)
+    return run_dir
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    return dst
+
+
+def test_resume_with_another_setting_stops_naming_it(two_steps, tmp_path):
+    """A resume continues the run it resumes: a changed seed or lr stops with the list of changes;
+    trainer.allow_config_change=true goes on; how far the run goes may change freely."""
+    from training.config import ConfigError
+
+    run_dir = copy_run(two_steps, tmp_path / "run")
+    resume = [*ARGS, f"run_dir={run_dir}", "trainer.resume=auto", "trainer.max_steps=3"]
+    with pytest.raises(ConfigError, match=r"seed: 0 -> 1; optim\.lr: .* -> 0\.5|optim\.lr: .* -> 0\.5; seed: 0 -> 1"):
+        train_script.train(compose_cfg([*resume, "seed=1", "optim.lr=0.5"]), run_dir)
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 2  # nothing written
+    train_script.train(compose_cfg([*resume, "seed=1", "trainer.allow_config_change=true"]), run_dir)
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+
+
+def test_cpu_seconds_carry_over_a_resume(two_steps, tmp_path):
+    """The checkpoint counts the run's CPU seconds (with or without a budget); a resumed run whose
+    budget those seconds already spend takes no step (the budget is the whole run's, not each start's)."""
+    run_dir = copy_run(two_steps, tmp_path / "run")
+    spent = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["cpu_seconds"]
+    assert spent > 0
+    train_script.train(compose_cfg([*ARGS, f"run_dir={run_dir}", "trainer.resume=auto",
+                                    f"trainer.cpu_budget_s={spent / 2}"]), run_dir)
+    assert json.loads((run_dir / "result.json").read_text())["step"] == 2
+    assert max(losses(run_dir)) == 2
+
+
+def test_non_finite_weights_are_never_saved(two_steps, tmp_path):
+    """A diverged model is not written over the last good checkpoint."""
+    from training.checkpoint import TrainState
+    from training.dist import DistInfo
+
+    net = torch.nn.Linear(3, 2)
+    state = TrainState(model=net, ema=None, optimizer=None, scaler=None, schedule={}, step=5)
+    path = tmp_path / "last.pt"
+    state.save(path, DistInfo())
+    before = path.read_bytes()
+    with torch.no_grad():
+        net.weight[0, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="not finite at step 5"):
+        state.save(path, DistInfo())
+    assert path.read_bytes() == before
+
+
+def test_eval_only_without_a_stored_ema_reports_none(tmp_path):
+    """A run trained with trainer.ema_decay=null: eval-only reports no EMA top-1 (not a copy of the raw
+    weights' top-1 under the EMA's name)."""
+    train_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
+    base = [*ARGS, "trainer.epochs=1", "trainer.max_steps=1"]
+    train_script.train(compose_cfg([*base, f"run_dir={train_dir}", "trainer.ema_decay=null"]), train_dir)
+    last = train_dir / "checkpoints" / "last.pt"
+    train_script.train(compose_cfg([*base, f"run_dir={eval_dir}", "trainer.eval_only=true",
+                                    f"trainer.resume={last}"]), eval_dir)
+    result = json.loads((eval_dir / "result.json").read_text())
+    assert result["top1_ema"] is None and result["top1"] == json.loads((train_dir / "result.json").read_text())["top1"]
+
+
+def test_sigterm_stops_a_single_process_run_with_its_resume_command(tmp_path):
+    """`kill PID` of a one-process run ends it as Ctrl-C does: one line with the last checkpoint's step
+    and the command that continues it; that command resumes, and the config the run started with stays
+    in .hydra/ (the resume's own goes to .hydra/resume-<time>/)."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    args = [a for a in ARGS if not a.startswith("trainer.epochs")] + ["trainer.epochs=100", f"run_dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not (run_dir / "checkpoints" / "last.pt").exists():
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before it could be stopped:\n{proc.stderr.read()[-2000:]}"
+        started_with = (run_dir / ".hydra" / "config.yaml").read_text()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    step = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert line.startswith(f"interrupted at step {step} (the last checkpoint); resume with: python train.py "), line
+    command = shlex.split(line.split("resume with: ", 1)[1])
+    assert command[-1] == "trainer.resume=auto" and f"run_dir={run_dir.resolve()}" in command
+    resumed = subprocess.run([sys.executable, str(REPO / "train.py"), *command[2:], f"trainer.max_steps={step + 1}"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((run_dir / "result.json").read_text())["step"] == step + 1
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == started_with
+    assert len(list((run_dir / ".hydra").glob("resume-*/config.yaml"))) == 1

@@ -21,7 +21,7 @@ with its whole process group):
   tests           the gpu-marked tests: the kernel tests on the device, device-side augmentation syncs
   train_bf16      python train.py (SparseFormer-nano, cluttered MNIST, backend=triton) in bf16, stopped
                   after 60 steps with a checkpoint
-  resume_fp16     the same run resumed in fp16 (GradScaler) to the end of its 2 epochs
+  resume_fp16     the same run resumed in fp16 (GradScaler) to the end of its 2 epochs (trainer.allow_config_change)
   train_video     python train.py data=moving_digits (VideoSparseFormer-nano, the 3-D kernels) for 1 epoch
   training_step   a SparseFormer-T training step at B = 128, triton vs torch: time and peak memory
   timings         the kernels against the floors and the eager chains, with what is left
@@ -86,7 +86,8 @@ def default_steps(work: Path) -> list[Step]:
         Step("train_bf16", [*train, "hardware.precision=bf16", f"run_dir={work / 'image'}", "trainer.epochs=2",
                             "trainer.max_steps=60"], 60, needs=stack),
         Step("resume_fp16", [*train, "hardware.precision=fp16", f"run_dir={work / 'image'}", "trainer.epochs=2",
-                             "trainer.resume=auto"], 60, needs=stack, after="train_bf16"),
+                             "trainer.resume=auto", "trainer.allow_config_change=true"], 60, needs=stack,
+             after="train_bf16"),
         Step("train_video", [*train, "data=moving_digits", "hardware.precision=bf16", f"run_dir={work / 'video'}",
                              "trainer.epochs=1"], 75, needs=stack),
         validate("training_step", "environment,training_step", 90, 40),

@@ -16,6 +16,7 @@ and plain Python values only, so `torch.load(path, weights_only=True)` reads it.
 | `rng` | per rank: `{"torch": uint8 tensor, "cuda": [uint8 tensor per GPU], "numpy": {...}, "python": [...]}` |
 | `wandb_id` | the W&B run id, so a resumed run logs into the same run |
 | `config` | the run's resolved config, a plain dict |
+| `cpu_seconds` | CPU seconds of the training processes so far, over all ranks (for `trainer.cpu_budget_s`) |
 
 `model.create_model(name, pretrained="<run>/checkpoints/last.pt")` takes its `model` weights.
 """
@@ -39,11 +40,36 @@ LAST = "last.pt"
 
 
 def save_atomic(obj, path: Path, save=torch.save) -> None:
-    """save(obj, temp file) next to `path`, then rename it onto `path`."""
+    """save(obj, temp file) next to `path`, flushed to the disk, then renamed onto `path` (the rename
+    flushed too): a kill, crash or power loss leaves the old file or the new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     save(obj, tmp)
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk; a filesystem that cannot sync a folder
+    (some network ones) is let be."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def all_finite(module: nn.Module) -> bool:
+    """Every floating-point parameter and buffer of `module` is finite (one host sync)."""
+    tensors = [t for t in [*module.parameters(), *module.buffers()] if t.dtype.is_floating_point]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
 def find_last(run_dir: Path) -> Path | None:
@@ -97,6 +123,8 @@ class TrainState:
     batch_in_epoch: int = 0
     wandb_id: str | None = None
     config: dict = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # CPU seconds of the training processes so far, over all ranks (trainer.cpu_budget_s)
+    restored_ema: bool = field(default=False, compare=False)  # the last load_state_dict found an EMA in the file
 
     def state_dict(self, rng: list[dict]) -> dict:
         """The checkpoint (layout above), with `rng` the RNG state of every rank."""
@@ -105,14 +133,17 @@ class TrainState:
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "scaler": self.scaler.state_dict() if self.scaler else None, "schedule": dict(self.schedule),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "rng": rng,
-            "wandb_id": self.wandb_id, "config": self.config,
+            "wandb_id": self.wandb_id, "config": self.config, "cpu_seconds": self.cpu_seconds,
         }
 
     def load_state_dict(self, ckpt: dict, rank: int = 0) -> None:
         """The inverse of `state_dict`: this rank's RNG (rank 0's when the run had fewer ranks)."""
         self.model.load_state_dict(ckpt["model"])
-        if self.ema is not None and ckpt.get("ema") is not None:
+        self.restored_ema = self.ema is not None and ckpt.get("ema") is not None
+        if self.restored_ema:
             self.ema.load_state_dict(ckpt["ema"])
+        elif self.ema is not None:  # a file from a run without EMA: start the average at its weights
+            self.ema = EMA(self.model, self.ema.decay)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):  # {} from a run without fp16: keep the fresh scale
@@ -120,12 +151,18 @@ class TrainState:
         self.schedule = dict(ckpt.get("schedule") or self.schedule)
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         self.wandb_id, self.config = ckpt.get("wandb_id"), ckpt.get("config") or self.config
+        self.cpu_seconds = float(ckpt.get("cpu_seconds", 0.0))
         rng = ckpt.get("rng")
         if rng:
             set_rng_state(rng[rank] if rank < len(rng) else rng[0])
 
     def save(self, path: Path, info: dist.DistInfo) -> None:
-        """Collective: every rank's RNG state is gathered, rank 0 writes `path` atomically."""
+        """Collective: every rank's RNG state is gathered, rank 0 writes `path` atomically. Weights that
+        are not finite are never written (FloatingPointError on every rank: DDP replicas are equal), so
+        a diverged run keeps its last good checkpoint."""
+        if not all_finite(self.model):
+            raise FloatingPointError(f"the model's weights are not finite at step {self.step}: not saved, "
+                                     f"{path} keeps the last good checkpoint (lower the lr, or use bf16 / fp32)")
         rng = dist.all_gather_object(rng_state(), info)
         if info.is_main:
             save_atomic(self.state_dict(rng), path)

@@ -25,9 +25,16 @@ def run_dir_resolver(run_dir=None) -> str:
     return time.strftime("outputs/%Y-%m-%d/%H-%M-%S")
 
 
-def output_subdir_resolver() -> str | None:
-    """hydra.output_subdir: only rank 0 writes the composed config (.hydra/) into the shared run dir."""
-    return ".hydra" if os.environ.get("RANK", "0") == "0" else None
+def output_subdir_resolver(resume=None, run_dir=None) -> str | None:
+    """hydra.output_subdir: only rank 0 writes the composed config (.hydra/) into the shared run dir; a
+    resume into a folder that has one writes its own into .hydra/resume-<UTC time>/, so the config
+    the run started with stays where it was."""
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    if resume not in (None, "None", "null", "", False) and run_dir not in (None, "None", "null", "") \
+            and (Path(str(run_dir)) / ".hydra" / "config.yaml").is_file():
+        return time.strftime(".hydra/resume-%Y-%m-%d_%H-%M-%S", time.gmtime())
+    return ".hydra"
 
 
 def resolved_device(device: str) -> str:
@@ -93,6 +100,33 @@ def resolve_hardware(hw) -> tuple[str, str, str]:
     return device, precision, backend
 
 
+# Keys a resumed run may set differently from the run it continues: where it runs (another machine's
+# device and collective backend) and logs, how far it goes, how it reads the data; not what it computes
+# (model, data, optimiser, schedule, batch, precision, ranks, seed).
+RESUME_MAY_CHANGE = ("run_dir", "name", "trainer.resume", "trainer.max_steps", "trainer.cpu_budget_s",
+                     "trainer.ckpt_every_steps", "trainer.eval_every_epochs", "trainer.allow_config_change",
+                     "trainer.eval_only", "logger", "hardware.device", "hardware.dist_backend",
+                     "hardware.num_threads", "data.num_workers", "data.root", "data.eval_batch_size",
+                     "model.pretrained")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(_flatten(value, f"{name}.") if isinstance(value, dict) and value else {name: value})
+    return out
+
+
+def resume_changes(saved: dict, now: dict) -> list[str]:
+    """`key: saved -> now` for every resolved config value a resume changes, bar RESUME_MAY_CHANGE."""
+    old, new = _flatten(saved), _flatten(now)
+    free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_MAY_CHANGE)  # noqa: E731
+    missing = object()
+    return [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in sorted({*old, *new})
+            if not free(k) and old.get(k, missing) != new.get(k, missing)]
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first bad key. Called before anything expensive happens."""
     _check(cfg, "data.batch_size", lambda v: _int(v) and v > 0, "batch size must be a positive integer")
@@ -112,6 +146,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "trainer.ckpt_every_steps", lambda v: v is None or (_int(v) and v > 0), "must be null or > 0")
     _check(cfg, "trainer.eval_every_epochs", lambda v: _int(v) and v > 0, "must be a positive integer")
     _check(cfg, "trainer.ema_decay", lambda v: v is None or (_num(v) and 0 < v < 1), "must be null or in (0, 1)")
+    _check(cfg, "trainer.allow_config_change", lambda v: isinstance(v, bool), "must be true or false")
     resume = _get(cfg, "trainer.resume")
     if resume not in (None, False, "auto") and not Path(str(resume)).is_file():
         raise ConfigError(f"trainer.resume={resume!r}: must be null, 'auto', or an existing checkpoint file")
@@ -126,6 +161,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "optim.clip_grad", lambda v: v is None or (_num(v) and v > 0), "must be null or > 0")
     _check(cfg, "schedule.warmup_epochs", lambda v: _num(v) and v >= 0, "must be >= 0")
     _check(cfg, "schedule.min_lr", lambda v: _num(v) and v >= 0, "must be >= 0")
+    warmup, epochs = cfg.schedule.warmup_epochs, cfg.trainer.epochs
+    if warmup >= epochs and not _get(cfg, "trainer.eval_only"):
+        raise ConfigError(f"schedule.warmup_epochs={warmup} >= trainer.epochs={epochs}: the lr would still be warming "
+                          "up when the run ends (never at its base value, never decayed); lower "
+                          "schedule.warmup_epochs (the default is 20, for 300-epoch ImageNet runs)")
 
     _check(cfg, "hardware.device", lambda v: v in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda")
     _check(cfg, "hardware.precision", lambda v: v in ("auto", "fp32", "bf16", "fp16"),
