@@ -771,7 +771,9 @@ def run_memory(cfg: DictConfig, device: torch.device, run_dir: Path) -> list[dic
     return rows
 
 
-MALLOC_THRESHOLD = 1 << 30  # bytes: buffers below it come from the heap, and up to it stays there when freed
+MMAP_THRESHOLD = 1 << 30  # bytes: buffers below it come from the heap, not from mmap
+TRIM_THRESHOLD = 2**31 - 1  # bytes: free heap kept at its top, the most a C int holds (~2 GiB: a 1024 px
+# SparseFormer-T batch frees ~1.5 GB per call; at 1 GiB it went back to the OS and was faulted in again)
 
 
 def keep_freed_memory() -> bool:
@@ -787,7 +789,7 @@ def keep_freed_memory() -> bool:
     # as the trim threshold became 0, which trims the heap on every free, the opposite of the intent)
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
-    return bool(mallopt(M_MMAP_THRESHOLD, MALLOC_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, MALLOC_THRESHOLD))
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 class SweepConfigError(ValueError):

@@ -230,30 +230,32 @@ libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 if sys.argv[1] == "1":
     assert benchmark.keep_freed_memory()
-blocks = [libc.malloc(40 << 20) for _ in range(8)]
+blocks = [libc.malloc(int(sys.argv[2]) << 20) for _ in range(8)]
 for b in blocks:
     libc.free(b)
 print(libc.mallinfo2().arena >> 20)
 """
 
 
-def test_keep_freed_memory_keeps_freed_buffers_in_the_heap():
-    """The CPU sweep's allocator setting: 8 freed 40 MiB buffers (above glibc's largest dynamic mmap
-    threshold, so by default mapped and unmapped each time) stay in the heap for the next call.
-    (Its trim threshold was passed as 4 << 30, which ctypes wrapped to 0: the heap was trimmed on every free.)"""
+@pytest.mark.parametrize("block_mib", [40, 160])
+def test_keep_freed_memory_keeps_freed_buffers_in_the_heap(block_mib):
+    """The CPU sweep's allocator setting: 8 freed buffers of 40 MiB (above glibc's largest dynamic mmap
+    threshold, so by default mapped and unmapped each time) or of 160 MiB (1.25 GiB in all, what a 1024 px
+    batch frees) stay in the heap for the next call. (Its trim threshold was passed as 4 << 30, which
+    ctypes wrapped to 0: the heap was trimmed on every free; at 1 GiB the 160 MiB case went back.)"""
     import subprocess
     import sys
 
     def heap_mib(tuned: bool) -> int:
-        run = subprocess.run([sys.executable, "-c", KEEPS_FREED, "1" if tuned else "0"], capture_output=True,
-                             text=True, cwd=Path(benchmark.__file__).resolve().parent)
+        run = subprocess.run([sys.executable, "-c", KEEPS_FREED, "1" if tuned else "0", str(block_mib)],
+                             capture_output=True, text=True, cwd=Path(benchmark.__file__).resolve().parent)
         if run.returncode == 3:
             pytest.skip("glibc without mallinfo2")
         assert run.returncode == 0, run.stderr
         return int(run.stdout.split()[-1])
 
-    assert heap_mib(tuned=True) >= 320
-    assert heap_mib(tuned=False) < 320  # glibc's own thresholds give them back
+    assert heap_mib(tuned=True) >= 8 * block_mib
+    assert heap_mib(tuned=False) < 8 * block_mib  # glibc's own thresholds give them back
 
 
 def test_training_step_peak_memory_counts_the_gradients_once():
