@@ -244,7 +244,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
     if data.steps_per_epoch == 0 and not cfg.trainer.eval_only:  # else 0 steps, no checkpoint and exit 0
         raise SystemExit(f"{len(data.train_set)} training images ({data.train_sampler.num_samples} per process) "
                          f"< batch size {cfg.data.batch_size}: lower data.batch_size")
-    read_once = use_checkpoint_model(cfg, run_dir, info)  # eval-only: (path, checkpoint), read here, used by resume
+    read_once = use_checkpoint_model(cfg, run_dir, info, data.spec.model_kwargs())  # eval-only: read once
     with open_dict(cfg):  # the dataset decides these; the logged config must say what was built
         cfg.model.update(data.spec.model_kwargs())
     if info.is_main:
@@ -265,10 +265,12 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
                budget_spent=state.cpu_seconds / cfg.trainer.cpu_budget_s if cfg.trainer.get("cpu_budget_s") else 0.0)
 
 
-def use_checkpoint_model(cfg: DictConfig, run_dir: Path, info: dist.DistInfo) -> tuple[Path, dict] | None:
+def use_checkpoint_model(cfg: DictConfig, run_dir: Path, info: dist.DistInfo,
+                         from_data: dict) -> tuple[Path, dict] | None:
     """Eval-only from one of our checkpoints: evaluate the model it was trained as (its stored config),
-    not the command line's. Returns (path, the checkpoint read) for `resume`, which then does not read it
-    again; None when there is nothing to evaluate from."""
+    not the command line's (`from_data`: the keys the dataset sets, as the stored config has them).
+    Returns (path, the checkpoint read) for `resume`, which then does not read it again; None when
+    there is nothing to evaluate from."""
     path = resume_path(cfg, run_dir) if cfg.trainer.eval_only else None
     if path is None:
         return None
@@ -277,7 +279,7 @@ def use_checkpoint_model(cfg: DictConfig, run_dir: Path, info: dist.DistInfo) ->
     if not stored:
         return path, checkpoint
     stored = {**stored, "pretrained": False}  # the weights come from the checkpoint
-    if stored != OmegaConf.to_container(cfg.model, resolve=True) and info.is_main:
+    if stored != {**OmegaConf.to_container(cfg.model, resolve=True), **from_data, "pretrained": False} and info.is_main:
         log.info("trainer.eval_only: evaluating the model stored in %s (%s), not model=%s", path, stored.get("name"),
                  cfg.model.get("name"))
     cfg.model = OmegaConf.create(stored)
@@ -508,7 +510,9 @@ def train_one_epoch(run: Run) -> bool:
             window, t0 = torch.zeros_like(window), time.perf_counter()
         run.measure_budget()
         if cfg.trainer.ckpt_every_steps and state.step % cfg.trainer.ckpt_every_steps == 0:
+            saving = time.perf_counter()
             run.save()
+            t0 += time.perf_counter() - saving  # train/img_s is training's rate, not the disk's
         if state.step >= run.max_steps or run.budget_spent >= 1:
             break
     bar.close()

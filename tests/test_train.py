@@ -129,15 +129,18 @@ def test_soft_target_cross_entropy():
 
 
 @pytest.mark.parametrize("how", ["resume", "pretrained"])
-def test_eval_only_reproduces_the_final_evaluation(mnist_run, tmp_path, how):
+def test_eval_only_reproduces_the_final_evaluation(mnist_run, tmp_path, how, caplog):
     """trainer.resume restores the whole TrainState (its step, the EMA); model.pretrained takes the
-    checkpoint's raw weights: both give the run's final top-1."""
+    checkpoint's raw weights: both give the run's final top-1. The command names the run's own model:
+    no line about evaluating another one."""
     run_dir, _, top1 = mnist_run
     last = run_dir / "checkpoints" / "last.pt"
     source = f"trainer.resume={last}" if how == "resume" else f"model.pretrained={last}"
     cfg = compose_cfg([*TINY_MODEL, *TINY_MNIST, *FAST, f"run_dir={tmp_path}", "trainer.eval_only=true", source,
                        "logger.mode=disabled"])
-    assert train_script.train(cfg, tmp_path) == pytest.approx(top1)
+    with caplog.at_level("INFO", logger="train"):
+        assert train_script.train(cfg, tmp_path) == pytest.approx(top1)
+    assert "evaluating the model stored in" not in caplog.text
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["step"] == (8 if how == "resume" else 0)
     if how == "resume":  # the checkpoint's EMA, not a fresh copy of the raw weights
@@ -254,3 +257,19 @@ def test_eval_throughput_is_the_forward_not_the_loader():
     res = train_script.evaluate(model, slow_loader(), lambda x, y: (x.float(), y), DistInfo(), "fp32")
     assert res["n"] == 24 and res["img_s_wall"] < 24 / 0.6
     assert res["img_s"] > 10 * res["img_s_wall"]
+
+
+def test_img_s_leaves_out_checkpoint_writes(tmp_path, monkeypatch):
+    """train/img_s is the training rate: a checkpoint written inside a log window (here every step,
+    each write made 1 s slow) is not in it."""
+    import time
+
+    from training.checkpoint import TrainState
+
+    real_save = TrainState.save
+    monkeypatch.setattr(TrainState, "save", lambda self, *a: (real_save(self, *a), time.sleep(1.0))[0])
+    cfg = compose_cfg([*TINY_MODEL, *TINY_MNIST, *FAST, f"run_dir={tmp_path}", "trainer.epochs=1",
+                       "trainer.ckpt_every_steps=1", "logger.mode=disabled", "logger.num_roi_images=0"])
+    train_script.train(cfg, tmp_path)
+    rates = [m["train/img_s"] for m in read_metrics(tmp_path) if "train/img_s" in m]
+    assert len(rates) == 4 and min(rates) > 16  # batch 8: a window with a 1 s write in it would read < 8
