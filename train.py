@@ -210,7 +210,10 @@ class Run:
 def train(cfg: DictConfig, run_dir: str | Path) -> float:
     """The whole run; returns the final val top-1 (%). Tests call it with a composed config."""
     run = setup(cfg, run_dir)
-    tr = cfg.trainer
+    tr, state = cfg.trainer, run.state
+    if not tr.eval_only and not run.finished and state.batch_in_epoch == 0 \
+            and state.evaluated_epoch < state.epoch and state.epoch % tr.eval_every_epochs == 0:
+        run.result = evaluate_and_log(run)  # the run stopped during the evaluation after its epoch-end checkpoint
     while not tr.eval_only and not run.finished:
         end_of_epoch = train_one_epoch(run)
         if run.finished or (end_of_epoch and run.state.epoch % tr.eval_every_epochs == 0):
@@ -547,6 +550,7 @@ def evaluate_and_log(run: Run) -> dict:
         figure = roi_figure(state.model, run.roi_images, data.eval_transform, run.precision, run.cfg.data)
         run.logger.log_image("val/rois", figure, f"tokens' RoIs and sampling points per sampling step, "
                              f"step {state.step}", state.step)
+    state.evaluated_epoch = state.epoch
     if info.is_main:
         ema_txt = f", EMA top-1 {res_ema['top1']:.2f} top-5 {res_ema['top5']:.2f}" if res_ema else ""
         log.info("step %d epoch %d: val top-1 %.2f top-5 %.2f on %d images (%.0f img/s forward, %.0f with loading)%s%s",

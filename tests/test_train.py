@@ -43,7 +43,7 @@ def test_default_path_trains_and_checkpoints(mnist_run):
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)  # tensors and plain values only
     assert state["step"] == 8 and state["epoch"] == 2 and state["batch_in_epoch"] == 0
     assert set(state) == {"model", "ema", "optimizer", "scaler", "schedule", "step", "epoch", "batch_in_epoch", "rng",
-                          "wandb_id", "config", "cpu_seconds"}  # the layout of training/checkpoint.py
+                          "wandb_id", "config", "cpu_seconds", "evaluated_epoch"}  # training/checkpoint.py's layout
     assert state["schedule"]["total_steps"] == 8 and state["schedule"]["warmup_steps"] == 2
     assert state["wandb_id"] and state["config"]["model"]["name"] == "sparseformer_nano"
     assert not list((run_dir / "checkpoints").glob(".*tmp*"))  # atomic writes leave no temp files

@@ -182,3 +182,33 @@ def test_sigterm_stops_a_single_process_run_with_its_resume_command(tmp_path):
     assert json.loads((run_dir / "result.json").read_text())["step"] == step + 1
     assert (run_dir / ".hydra" / "config.yaml").read_text() == started_with
     assert len(list((run_dir / ".hydra").glob("resume-*/config.yaml"))) == 1
+
+
+def val_points(run_dir) -> list[tuple[int, float]]:
+    return [(m["step"], m["val/top1"]) for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "val/top1" in m]
+
+
+def test_a_run_stopped_during_an_evaluation_evaluates_first_on_resume(tmp_path, monkeypatch):
+    """The epoch-end checkpoint is written before that epoch's evaluation: stopped during the evaluation
+    (Ctrl-C), the resume runs it before training on, so no epoch's evaluation is lost."""
+    ref_dir = tmp_path / "ref"
+    train_script.train(compose_cfg([*ARGS, f"run_dir={ref_dir}"]), ref_dir)
+    real, calls = train_script.evaluate_and_log, []
+
+    def stop_in_the_first(run):
+        calls.append(run.state.step)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(run)
+
+    monkeypatch.setattr(train_script, "evaluate_and_log", stop_in_the_first)
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_script.train(compose_cfg([*ARGS, f"run_dir={run_dir}"]), run_dir)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["step"], state["epoch"], state["evaluated_epoch"]) == (4, 1, 0)
+    train_script.train(compose_cfg([*ARGS, f"run_dir={run_dir}", "trainer.resume=auto"]), run_dir)
+    assert calls == [4, 4, 8, 12]
+    assert val_points(run_dir) == val_points(ref_dir) and [s for s, _ in val_points(ref_dir)] == [4, 8, 12]
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["evaluated_epoch"] == 2  # step 8's

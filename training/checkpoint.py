@@ -17,6 +17,7 @@ and plain Python values only, so `torch.load(path, weights_only=True)` reads it.
 | `wandb_id` | the W&B run id, so a resumed run logs into the same run |
 | `config` | the run's resolved config, a plain dict |
 | `cpu_seconds` | CPU seconds of the training processes so far, over all ranks (for `trainer.cpu_budget_s`) |
+| `evaluated_epoch` | `epoch` at the last evaluation (an epoch-end checkpoint precedes its evaluation) |
 
 `model.create_model(name, pretrained="<run>/checkpoints/last.pt")` takes its `model` weights.
 """
@@ -124,6 +125,7 @@ class TrainState:
     wandb_id: str | None = None
     config: dict = field(default_factory=dict)
     cpu_seconds: float = 0.0  # CPU seconds of the training processes so far, over all ranks (trainer.cpu_budget_s)
+    evaluated_epoch: int = 0  # `epoch` at the last evaluation
     restored_ema: bool = field(default=False, compare=False)  # the last load_state_dict found an EMA in the file
 
     def state_dict(self, rng: list[dict]) -> dict:
@@ -134,6 +136,7 @@ class TrainState:
             "scaler": self.scaler.state_dict() if self.scaler else None, "schedule": dict(self.schedule),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "rng": rng,
             "wandb_id": self.wandb_id, "config": self.config, "cpu_seconds": self.cpu_seconds,
+            "evaluated_epoch": self.evaluated_epoch,
         }
 
     def load_state_dict(self, ckpt: dict, rank: int = 0) -> None:
@@ -152,6 +155,7 @@ class TrainState:
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         self.wandb_id, self.config = ckpt.get("wandb_id"), ckpt.get("config") or self.config
         self.cpu_seconds = float(ckpt.get("cpu_seconds", 0.0))
+        self.evaluated_epoch = int(ckpt.get("evaluated_epoch", self.epoch))  # (older files: taken as evaluated)
         rng = ckpt.get("rng")
         if rng:
             set_rng_state(rng[rank] if rank < len(rng) else rng[0])
