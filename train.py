@@ -343,12 +343,13 @@ def resume(state: TrainState, cfg: DictConfig, run_dir: Path, info: dist.DistInf
             log.info("trainer.resume=auto: no checkpoint in %s, starting from scratch", run_dir / "checkpoints")
         return
     schedule, config = state.schedule, state.config
-    if read_once is not None and read_once[0] == path:
-        state.load_state_dict(read_once[1], info.rank)
-    else:
-        state.restore(path, info)
+    checkpoint = read_once[1] if read_once is not None and read_once[0] == path else ckpt.load(path)
+    if not cfg.trainer.eval_only:  # before the weights: another model's would fail to load with less to say
+        ranks = len(checkpoint.get("rng") or []) or info.world_size
+        check_resumed_config(checkpoint.get("config") or {}, config, ranks, path, cfg.trainer.allow_config_change,
+                             info)
+    state.load_state_dict(checkpoint, info.rank)
     if not cfg.trainer.eval_only:
-        check_resumed_config(state.config, config, path, cfg.trainer.allow_config_change, info)
         if state.ema is not None and not state.restored_ema and info.is_main:
             log.warning("%s holds no EMA: the EMA starts from its weights at step %d", path, state.step)
     elif not state.restored_ema:  # nothing to report as the EMA: not a fresh copy of random or raw weights
@@ -361,17 +362,20 @@ def resume(state: TrainState, cfg: DictConfig, run_dir: Path, info: dist.DistInf
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch, state.batch_in_epoch)
 
 
-def check_resumed_config(saved: dict, now: dict, path: Path, allowed: bool, info: dist.DistInfo) -> None:
+def check_resumed_config(saved: dict, now: dict, ranks: int, path: Path, allowed: bool, info: dist.DistInfo) -> None:
     """A resume continues the run it resumes: a setting that changes what is computed (model, data,
-    optimiser, schedule, batch, ranks, seed; training.config.RESUME_MAY_CHANGE lists what may change)
-    stops it with the list, unless trainer.allow_config_change=true (then it is logged)."""
+    optimiser, schedule, batch, seed, the number of ranks the checkpoint was written by;
+    training.config.RESUME_MAY_CHANGE lists what may change) stops it with the list, unless
+    trainer.allow_config_change=true (then it is logged)."""
     changes = resume_changes(saved, now) if saved else []
+    if ranks != info.world_size:
+        changes.append(f"ranks (world size): {ranks} -> {info.world_size}")
     if not changes:
         return
     listed = "; ".join(changes)
     if not allowed:
         raise ConfigError(f"trainer.resume: this command's config differs from the run in {path}: {listed}. Repeat "
-                          "the run's own overrides (its train.log prints the resume command), or add "
+                          "the run's own overrides (<run>/.hydra/overrides.yaml lists them), or add "
                           "trainer.allow_config_change=true to continue with these settings")
     if info.is_main:
         log.warning("trainer.allow_config_change: continuing %s with changed settings: %s", path, listed)
@@ -586,8 +590,12 @@ def finish(run: Run) -> float:
 def launches_processes(cfg: DictConfig) -> bool:
     """hardware.processes > 1 in a plain `python train.py` (not already under torchrun or a Slurm job
     of several tasks, which start their own processes)."""
-    already = "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    return cfg.hardware.processes > 1 and not already
+    return cfg.hardware.processes > 1 and not under_a_launcher()
+
+
+def under_a_launcher() -> bool:
+    """A rank that torchrun or a Slurm job of several tasks started (they handle signals themselves)."""
+    return "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
 
 
 def launch_local_processes(cfg: DictConfig, run_dir: str, overrides: list[str]) -> float | None:
@@ -603,7 +611,7 @@ def launch_local_processes(cfg: DictConfig, run_dir: str, overrides: list[str]) 
     keep = [o for o in overrides if not o.lstrip("+~").startswith(("run_dir=", "hardware.num_threads="))]
     cmd = [sys.executable, "-c", lifecycle.TORCHRUN_QUIET, "--standalone", f"--nproc_per_node={n}",
            str(Path(__file__).resolve()), *keep, f"run_dir={Path(run_dir).resolve()}",
-           f"hardware.num_threads={threads}"]
+           f"hardware.num_threads={threads}", "hydra.output_subdir=null"]  # .hydra/: this command's, written above
     # (the command as torchrun's own CLI spells it: cmd[1:3] is the quiet wrapper's `-c <script>`)
     log.info("hardware.processes=%d: launching %d local processes of %d thread(s) each (torchrun %s)", n, n, threads,
              " ".join(cmd[3:]))
@@ -651,7 +659,7 @@ def main(cfg: DictConfig) -> float:
     run_dir = HydraConfig.get().runtime.output_dir
     if launches_processes(cfg):
         return launch_local_processes(cfg, run_dir, overrides)
-    single = "RANK" not in os.environ  # one process of our own (no torchrun around it)
+    single = not under_a_launcher()  # one process of our own
     if single:  # `kill PID` stops it as Ctrl-C does: the line below, not a silent end
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:

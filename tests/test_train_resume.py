@@ -108,6 +108,41 @@ def test_resume_with_another_setting_stops_naming_it(two_steps, tmp_path):
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
 
 
+def test_resume_as_another_model_or_world_size_lists_it_before_loading(two_steps, tmp_path):
+    """Another model's weights would not load: the list of changes comes first. A checkpoint written by
+    2 ranks resumed by 1 is a change too (the per-rank data shards and RNG streams differ)."""
+    from training.config import ConfigError
+
+    run_dir = copy_run(two_steps, tmp_path / "run")
+    resume = [*ARGS, f"run_dir={run_dir}", "trainer.resume=auto"]
+    with pytest.raises(ConfigError, match=r"model\.num_tokens: 4 -> 9"):
+        train_script.train(compose_cfg([a for a in resume if not a.startswith("+model.num_tokens")]
+                                       + ["+model.num_tokens=9"]), run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    torch.save({**state, "rng": state["rng"] * 2}, last)
+    with pytest.raises(ConfigError, match=r"ranks \(world size\): 2 -> 1"):
+        train_script.train(compose_cfg(resume), run_dir)
+
+
+def test_optimizer_settings_come_from_the_config_its_moments_from_the_file(tmp_path):
+    """trainer.allow_config_change with another weight decay: the resumed AdamW uses the new value
+    (load_state_dict alone would bring back the file's) and keeps the file's moments."""
+    from training.checkpoint import TrainState
+    from training.dist import DistInfo
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999))
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    TrainState(model=net, ema=None, optimizer=opt, scaler=None, schedule={}).save(tmp_path / "last.pt", DistInfo())
+    opt2 = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.8, 0.99))
+    TrainState(model=net, ema=None, optimizer=opt2, scaler=None, schedule={}).restore(tmp_path / "last.pt")
+    group = opt2.param_groups[0]
+    assert group["weight_decay"] == 0.1 and group["betas"] == (0.8, 0.99)
+    torch.testing.assert_close(opt2.state[net.weight]["exp_avg"], opt.state[net.weight]["exp_avg"])
+
+
 def test_cpu_seconds_carry_over_a_resume(two_steps, tmp_path):
     """The checkpoint counts the run's CPU seconds (with or without a budget); a resumed run whose
     budget those seconds already spend takes no step (the budget is the whole run's, not each start's)."""

@@ -147,8 +147,12 @@ class TrainState:
             self.ema.load_state_dict(ckpt["ema"])
         elif self.ema is not None:  # a file from a run without EMA: start the average at its weights
             self.ema = EMA(self.model, self.ema.decay)
-        if self.optimizer is not None:
+        if self.optimizer is not None:  # its moments from the file, its settings from this run's config
+            settings = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+                        for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(ckpt["optimizer"])
+            for group, own in zip(self.optimizer.param_groups, settings, strict=True):
+                group.update(own)
         if self.scaler is not None and ckpt.get("scaler"):  # {} from a run without fp16: keep the fresh scale
             self.scaler.load_state_dict(ckpt["scaler"])
         self.schedule = dict(ckpt.get("schedule") or self.schedule)
@@ -162,9 +166,10 @@ class TrainState:
 
     def save(self, path: Path, info: dist.DistInfo) -> None:
         """Collective: every rank's RNG state is gathered, rank 0 writes `path` atomically. Weights that
-        are not finite are never written (FloatingPointError on every rank: DDP replicas are equal), so
-        a diverged run keeps its last good checkpoint."""
-        if not all_finite(self.model):
+        are not finite on any rank are never written (FloatingPointError on every rank), so a diverged
+        run keeps its last good checkpoint."""
+        bad = torch.tensor([0.0 if all_finite(self.model) else 1.0], device=info.device)
+        if dist.all_reduce_sum(bad, info).item():  # every rank raises, or none (a rank's own BN buffers may differ)
             raise FloatingPointError(f"the model's weights are not finite at step {self.step}: not saved, "
                                      f"{path} keeps the last good checkpoint (lower the lr, or use bf16 / fp32)")
         rng = dist.all_gather_object(rng_state(), info)
