@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data import Data, average_view_logits, build_data, fold_views  # noqa: E402
+from data import Data, average_view_probs, build_data, fold_views  # noqa: E402
 from model import count_flops  # noqa: E402
 from model.hub import read_checkpoint  # noqa: E402
 from training import checkpoint as ckpt  # noqa: E402
@@ -68,11 +68,12 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tor
 
 @torch.no_grad()
 def view_averaged(model, x: torch.Tensor, views: int) -> torch.Tensor:
-    """Logits (B, K) of a batch, averaged over each item's views when it has several (x (B, V, ...):
-    Kinetics' clips x crops, data.InputSpec.views)."""
+    """Scores (B, K) of a batch: its logits, or for items with several views (x (B, V, ...): Kinetics'
+    clips x crops, data.InputSpec.views) the views' softmax probabilities averaged (the ranking is
+    what top-1/top-5 read)."""
     if views == 1:
         return model(x)
-    return average_view_logits(model(fold_views(x)), views)
+    return average_view_probs(model(fold_views(x)), views)
 
 
 def evaluate(model, loader, transform, info, precision, views: int = 1) -> dict:

@@ -33,10 +33,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import BatchTransform, MixupCutmix
-from .base import COMMON_KEYS, DatasetBuilder, InputSpec, Splits, average_view_logits, builder_from_config, fold_views
+from .base import COMMON_KEYS, DatasetBuilder, InputSpec, Splits, average_view_probs, builder_from_config, fold_views
 from .samplers import EvalSampler, TrainSampler, steps_per_epoch
 
-__all__ = ["COMMON_KEYS", "Data", "average_view_logits", "fold_views", "DatasetBuilder", "InputSpec", "Splits",
+__all__ = ["COMMON_KEYS", "Data", "average_view_probs", "fold_views", "DatasetBuilder", "InputSpec", "Splits",
            "build_data", "builder_from_config", "collate_skip_none", "BatchTransform", "MixupCutmix", "TrainSampler",
            "EvalSampler"]
 

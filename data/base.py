@@ -23,8 +23,8 @@ COMMON_KEYS = ("_target_", "name", "batch_size", "eval_batch_size", "num_workers
 class InputSpec:
     """What the model must take from a dataset: classes, input channels, the side of the square
     images (or frames) the loaders yield, for clips the frames per clip (None for images), and the
-    views per evaluation item (> 1: the evaluation set yields (V, C, [T,] H, W) items whose logits
-    are averaged, e.g. Kinetics' clips x crops)."""
+    views per evaluation item (> 1: the evaluation set yields (V, C, [T,] H, W) items whose softmax
+    probabilities are averaged, e.g. Kinetics' clips x crops)."""
 
     num_classes: int
     in_chans: int
@@ -44,9 +44,11 @@ def fold_views(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(0, 1)
 
 
-def average_view_logits(logits: torch.Tensor, num_views: int) -> torch.Tensor:
-    """Logits of folded views (B·V, K) -> the clip's logits averaged over its V views, (B, K)."""
-    return logits.view(-1, num_views, logits.shape[-1]).mean(1)
+def average_view_probs(logits: torch.Tensor, num_views: int) -> torch.Tensor:
+    """Logits of folded views (B·V, K) -> the clip's class probabilities averaged over its V views,
+    (B, K), in fp32 whatever the autocast dtype: the softmax of each view, then the mean, as VideoMAE
+    (`merge`), mmaction2 (`average_clips='prob'`) and SlowFast score multi-view tests."""
+    return logits.float().softmax(-1).view(-1, num_views, logits.shape[-1]).mean(1)
 
 
 @dataclass

@@ -22,17 +22,22 @@ SlowFast resamples to 30 fps first): Kinetics is mostly 25-30 fps.
   crops along the long side (3: start, centre, end, i.e. left/centre/right or top/centre/bottom;
   1: centre). Item: (uint8 views (V, 3, T, S, S), label), V = test_clips * test_crops, clip-major:
   view v is clip v // test_crops, crop v % test_crops. Batched, (B, V, 3, T, S, S): the evaluator runs
-  `fold_views` and averages the logits with `average_view_logits`.
+  `fold_views` and averages the views' softmax probabilities with `average_view_probs`.
 
 Frame counts: the decoder's, not the header's. A video that decodes fewer frames than its header
 states (common: clips cut without re-encoding) is sampled from the frames it has; a container that
 states none (webm/mkv) is counted by demuxing, not by decoding it whole (`decode_frames`).
+Decoding: the first video stream that is not an attached cover picture; frames whose short side is
+above `decode_short_side` (320) are scaled down as they are converted, so a raw 1080p or 4K download
+costs a loader worker what a resized copy does. Decoding starts at the first frame (no seeking): the
+cost of a clip grows with its position, fine for Kinetics' 10 s clips; trim untrimmed videos first.
 A missing, undecodable or truncated video (less than half its stated frames decode) is logged once
 (per loader worker) with its path and the item is None: `collate_skip_none` drops it and counts it.
 A missing root, a list with no videos or a malformed line is an error that names the path.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -43,11 +48,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .base import (  # noqa: F401 (average_view_logits, fold_views: for callers of this module)
+from .base import (  # noqa: F401 (average_view_probs, fold_views: for callers of this module)
     DatasetBuilder,
     InputSpec,
     Splits,
-    average_view_logits,
+    average_view_probs,
     check_crop,
     expect,
     fold_views,
@@ -134,30 +139,51 @@ def clip_indices(start: int, num_frames: int, stride: int, total: int) -> np.nda
     return np.minimum(start + stride * np.arange(num_frames), total - 1)
 
 
+def video_stream(container):
+    """The container's first video stream that is not an attached picture (the cover image some
+    downloaders embed as a one-frame "video" stream)."""
+    from av.stream import Disposition
+
+    for stream in container.streams.video:
+        if not stream.disposition & Disposition.attached_pic:
+            return stream
+    raise UnreadableVideo("no video stream")
+
+
+@functools.lru_cache(maxsize=1 << 20)  # per loader worker: a webm/mkv is demuxed once, not every epoch
 def stated_frames(path: str) -> int:
     """The frame count a video's header states; containers that omit it (webm/mkv often do) are counted
     by demuxing their video packets, without decoding."""
     import av
 
     with av.open(path) as container:
-        if not container.streams.video:
-            raise UnreadableVideo("no video stream")
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         return stream.frames if stream.frames > 0 else sum(1 for p in container.demux(stream) if p.size)
 
 
-def decode_indices(path: str, idx: np.ndarray) -> tuple[dict, int]:
+def decoded_size(width: int, height: int, short_side: int | None) -> dict:
+    """to_ndarray's size arguments: the frame scaled (area-averaged) so that its short side is
+    `short_side` when it is larger; {} (the decoded size) otherwise or when short_side is None."""
+    if short_side is None or min(width, height) <= short_side:
+        return {}
+    scale = short_side / min(width, height)
+    return {"width": max(short_side, round(width * scale)), "height": max(short_side, round(height * scale)),
+            "interpolation": "AREA"}
+
+
+def decode_indices(path: str, idx: np.ndarray, short_side: int | None = None) -> tuple[dict, int]:
     """({frame index: uint8 (H, W, 3)} for the indices asked, frames decoded): decoding stops after the
-    largest index; fewer frames than asked means the video ended first."""
+    largest index; fewer frames than asked means the video ended first. Frames whose short side is
+    above `short_side` are scaled down as they are converted (a 1080p clip is never held at 1080p)."""
     import av
 
     needed, last = set(idx.reshape(-1).tolist()), int(idx.max())
     kept, count = {}, 0
     with av.open(path) as container:
-        for i, frame in enumerate(container.decode(container.streams.video[0])):
+        for i, frame in enumerate(container.decode(video_stream(container))):
             count = i + 1
             if i in needed:
-                kept[i] = frame.to_ndarray(format="rgb24")
+                kept[i] = frame.to_ndarray(format="rgb24", **decoded_size(frame.width, frame.height, short_side))
             if i >= last:
                 break
     return kept, count
@@ -166,9 +192,10 @@ def decode_indices(path: str, idx: np.ndarray) -> tuple[dict, int]:
 MIN_DECODED_FRACTION = 0.5  # a video that decodes less than this of its stated frames is truncated
 
 
-def decode_frames(path: str, choose) -> np.ndarray:
+def decode_frames(path: str, choose, short_side: int | None = None) -> np.ndarray:
     """Decode the frames a sampler asks for: `choose(total_frames)` -> indices (any shape, repeats
-    allowed). Returns uint8 frames (*indices.shape, H, W, 3); decoding stops after the last frame needed.
+    allowed). Returns uint8 frames (*indices.shape, H, W, 3), scaled to `short_side` when larger
+    (`decoded_size`); decoding stops after the last frame needed.
 
     The decoder, not the header, has the last word: many videos decode fewer frames than their header
     states (a stream-copy cut away from a keyframe keeps packets the decoder drops). Such a video is
@@ -179,12 +206,12 @@ def decode_frames(path: str, choose) -> np.ndarray:
     if total <= 0:
         raise UnreadableVideo("no frames")
     idx = np.asarray(choose(total))
-    kept, count = decode_indices(path, idx)
+    kept, count = decode_indices(path, idx, short_side)
     if len(kept) < len(set(idx.reshape(-1).tolist())):  # the video ended before the last index
         if count < MIN_DECODED_FRACTION * total:
             raise UnreadableVideo(f"truncated: decoded {count} of the {total} frames its header states")
         idx = np.asarray(choose(count))
-        kept, _ = decode_indices(path, idx)
+        kept, _ = decode_indices(path, idx, short_side)
     first = kept[int(idx.max())]
     return np.stack([kept[i] for i in idx.reshape(-1)]).reshape(*idx.shape, *first.shape)
 
@@ -220,7 +247,7 @@ class KineticsClips(Dataset):
     def __init__(self, root: str | Path, split: str = "train", train: bool = True, num_frames: int = 16,
                  frame_stride: int = 4, image_size: int = 224, test_clips: int = 5, test_crops: int = 3,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, num_classes: int | None = None,
-                 list_file: str | Path | None = None):
+                 list_file: str | Path | None = None, decode_short_side: int | None = 320):
         for key, value in (("num_frames", num_frames), ("frame_stride", frame_stride), ("test_clips", test_clips)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"KineticsClips: {key}={value!r} must be a positive integer")
@@ -233,6 +260,9 @@ class KineticsClips(Dataset):
                              f"ratio={list(ratio)} 0 < min <= max")
         if not 0 <= hflip <= 1:
             raise ValueError(f"KineticsClips: hflip={hflip} is a probability, in [0, 1]")
+        if decode_short_side is not None and (not isinstance(decode_short_side, int) or decode_short_side < image_size):
+            raise ValueError(f"KineticsClips: decode_short_side={decode_short_side!r} must be null (decoded size) "
+                             f"or an integer >= image_size={image_size}")
         self.root = Path(root).expanduser()
         self.samples, self.classes = find_videos(self.root, split, list_file)
         labels = [label for _, label in self.samples]
@@ -244,6 +274,7 @@ class KineticsClips(Dataset):
         self.train, self.num_frames, self.frame_stride, self.image_size = train, num_frames, frame_stride, image_size
         self.test_clips, self.test_crops = test_clips, test_crops
         self.scale, self.ratio, self.hflip = tuple(scale), tuple(ratio), hflip
+        self.decode_short_side = decode_short_side
         self.reported: set[str] = set()  # paths already logged in this process
 
     @property
@@ -266,7 +297,10 @@ class KineticsClips(Dataset):
         rng = np.random.default_rng(seed) if self.train else None
         try:
             frames = decode_frames(path, lambda total: np.stack(
-                [clip_indices(s, self.num_frames, self.frame_stride, total) for s in self.starts(total, rng)]))
+                [clip_indices(s, self.num_frames, self.frame_stride, total) for s in self.starts(total, rng)]),
+                self.decode_short_side)
+        except MemoryError:  # the machine's problem, not the file's
+            raise
         except Exception as e:  # missing, corrupt or truncated: one bad video must not end a run
             if path not in self.reported:
                 self.reported.add(path)
@@ -290,7 +324,7 @@ class KineticsBuilder(DatasetBuilder):
     """conf/data/kinetics.yaml: root (or $KINETICS_ROOT) with {train,val}.csv of `path label` lines or
     {train,val}/<class>/*.mp4 folders. Training: one random clip of num_frames x frame_stride, a
     random-resized crop and flip shared by its frames. Evaluation: test_clips x test_crops views per
-    video, whose logits train.py averages."""
+    video, whose softmax probabilities train.py averages."""
 
     root: str | None = None
     train_list: str | None = None
@@ -304,6 +338,7 @@ class KineticsBuilder(DatasetBuilder):
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
+    decode_short_side: int | None = 320
 
     def resolved_root(self) -> Path:
         return folder_root(self.root, "KINETICS_ROOT", "Kinetics")
@@ -321,6 +356,10 @@ class KineticsBuilder(DatasetBuilder):
                self.num_classes, "must be null (from the train split) or an integer > 1")
         expect(self.test_crops in (1, 3), "test_crops", self.test_crops, "must be 1 (centre) or 3 (start, centre, end)")
         check_crop(self)
+        expect(self.decode_short_side is None or (is_int(self.decode_short_side)
+                                                  and self.decode_short_side >= self.image_size),
+               "decode_short_side", self.decode_short_side,
+               f"must be null or an integer >= image_size={self.image_size}")
         for key in ("train_list", "val_list"):
             value = getattr(self, key)
             expect(value is None or resolve_list(root, value).is_file(), key, value,
@@ -328,7 +367,12 @@ class KineticsBuilder(DatasetBuilder):
 
     def build(self) -> Splits:
         root = self.resolved_root()
-        common = dict(num_frames=self.num_frames, frame_stride=self.frame_stride, image_size=self.image_size)
+        try:  # here, once: a broken install inside the workers would read as every video unreadable
+            import av  # noqa: F401
+        except ImportError as e:
+            raise ImportError(f"data=kinetics decodes with PyAV, which does not import ({e}): pip install av") from e
+        common = dict(num_frames=self.num_frames, frame_stride=self.frame_stride, image_size=self.image_size,
+                      decode_short_side=self.decode_short_side)
         train = KineticsClips(root, "train", train=True, scale=self.scale, ratio=self.ratio, hflip=self.hflip,
                               num_classes=self.num_classes, list_file=self.train_list, **common)
         val = KineticsClips(root, "val", train=False, test_clips=self.test_clips, test_crops=self.test_crops,
@@ -339,7 +383,11 @@ class KineticsBuilder(DatasetBuilder):
                              "folders, so nothing ties the two label sets together; give both splits the same layout "
                              "(a list file each, or class folders each)")
         if train.classes is not None and train.classes != val.classes:
-            raise ValueError(f"{train.root}: train and val hold different class folders")
+            only_train = sorted(set(train.classes) - set(val.classes))
+            only_val = sorted(set(val.classes) - set(train.classes))
+            raise ValueError(f"{train.root}: train and val hold different class folders: only in train "
+                             f"{only_train[:5] or 'none'}, only in val {only_val[:5] or 'none'}"
+                             + (" (more in each)" if max(len(only_train), len(only_val)) > 5 else ""))
         return Splits(train, val, InputSpec(train.num_classes, 3, self.image_size, frames=self.num_frames,
                                             views=val.num_views))
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data import collate_skip_none
-from data.kinetics import KineticsBuilder, KineticsClips, average_view_logits, fold_views
+from data.kinetics import KineticsBuilder, KineticsClips, average_view_probs, fold_views
 
 av = pytest.importorskip("av")
 
@@ -98,8 +98,14 @@ def test_test_views_are_clip_major_with_three_crops_along_the_long_side(root):
 def test_view_helpers_average_each_clips_views():
     x = torch.zeros(2, 6, 3, 4, 8, 8)
     assert fold_views(x).shape == (12, 3, 4, 8, 8)
-    logits = torch.arange(12.0).repeat_interleave(5).view(12, 5)  # view v of clip b has logits b*6 + v
-    torch.testing.assert_close(average_view_logits(logits, 6), torch.tensor([2.5, 8.5]).repeat_interleave(5).view(2, 5))
+    logits = torch.randn(12, 5, dtype=torch.bfloat16)  # view v of clip b is row b*6 + v
+    probs = average_view_probs(logits, 6)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs, logits.float().softmax(-1).view(2, 6, 5).mean(1))
+    # the mean of probabilities, not of logits: each view's vote is bounded, so one view's huge logit
+    # does not outvote three that agree
+    two = torch.tensor([[10.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    assert average_view_probs(two, 4).argmax(-1).item() == 1 and two.mean(0).argmax().item() == 0
 
 
 def test_corrupt_truncated_and_missing_videos_are_logged_once_skipped_and_counted(root, tmp_path, caplog):
@@ -254,3 +260,76 @@ def test_a_list_for_one_split_and_class_folders_for_the_other_is_refused(root, t
         KineticsBuilder(str(tmp_path), num_frames=2, image_size=32).build()
     with pytest.raises(ValueError, match=r"data\.test_crops=2: must be 1"):
         KineticsBuilder(str(root), test_crops=2).check()
+
+
+def write_with_cover(path, num_frames=FRAMES):
+    """An mp4 with an embedded cover picture (what `yt-dlp --embed-thumbnail` writes) besides the clip."""
+    from av.stream import Disposition
+
+    with av.open(str(path), "w") as container:
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 16, 16, "yuvj420p"
+        cover.disposition = Disposition.attached_pic
+        stream = container.add_stream("mpeg4", rate=10, bit_rate=4_000_000)
+        (stream.width, stream.height), stream.pix_fmt = (W, H), "yuv420p"
+        for packet in cover.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")):
+            container.mux(packet)
+        for packet in cover.encode():
+            container.mux(packet)
+        for i in range(num_frames):
+            frame = np.zeros((H, W, 3), np.uint8)
+            frame[..., 1] = 10 * i
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_an_embedded_cover_picture_is_not_taken_for_the_video(tmp_path):
+    """The clip is the first video stream that is not an attached picture: with an mp4's cover (which
+    its muxer stores after the clip) and with one listed first, as other containers may."""
+    from types import SimpleNamespace
+
+    from av.stream import Disposition
+
+    from data.kinetics import UnreadableVideo, decode_frames, video_stream
+
+    path = write_with_cover(tmp_path / "covered.mp4")
+    with av.open(str(path)) as container:
+        assert {int(s.disposition) & Disposition.attached_pic for s in container.streams.video} == {0, 1024}
+    frames = decode_frames(str(path), lambda total: np.arange(0, total, 4))
+    assert frames.shape == (5, H, W, 3) and [round(f[..., 1].mean() / 10) for f in frames] == [0, 4, 8, 12, 16]
+    cover, clip = SimpleNamespace(disposition=Disposition.attached_pic), SimpleNamespace(disposition=Disposition(0))
+    assert video_stream(SimpleNamespace(streams=SimpleNamespace(video=[cover, clip]))) is clip
+    with pytest.raises(UnreadableVideo, match="no video stream"):
+        video_stream(SimpleNamespace(streams=SimpleNamespace(video=[cover])))
+
+
+def test_large_frames_are_scaled_down_as_they_are_decoded(tmp_path):
+    """decode_short_side: a 96 x 64 video decodes at short side 32 (48 x 32, its content kept); a video
+    already at or below that short side, or decode_short_side=null, keeps its size."""
+    from data.kinetics import decode_frames
+
+    big = write_video(tmp_path / "big.mp4", size=(96, 64))
+    choose = lambda total: np.array([0, 5])  # noqa: E731
+    full, small = decode_frames(str(big), choose), decode_frames(str(big), choose, 32)
+    assert full.shape == (2, 64, 96, 3) and small.shape == (2, 32, 48, 3)
+    assert abs(float(small[1, ..., 1].mean()) - 50) < 3  # frame 5's green level
+    ramp = small[0, 16, :, 0].astype(float)  # the left-to-right red ramp survives the scaling
+    assert ramp[0] < 20 and ramp[-1] > 230 and (np.diff(ramp) >= -2).all()
+    assert decode_frames(str(write_video(tmp_path / "small.mp4")), choose, 32).shape == (2, H, W, 3)  # 24 < 32
+    clips = KineticsClips(tmp_path, "val", train=False, image_size=32, test_clips=1, test_crops=1,
+                          list_file=write_list(tmp_path, f"{big} 0", f"{big} 1"), decode_short_side=32)
+    assert clips[0][0].shape == (1, 3, 16, 32, 32)
+    with pytest.raises(ValueError, match="decode_short_side=16 must be null .* >= image_size=32"):
+        KineticsClips(tmp_path, "val", train=False, image_size=32, list_file=tmp_path / "list.csv",
+                      decode_short_side=16)
+
+
+def test_different_class_folders_are_named(tmp_path):
+    for split, classes in (("train", ("abseiling", "bowling")), ("val", ("abseiling", "curling"))):
+        for c in classes:
+            write_video(tmp_path / split / c / "v.mp4", num_frames=2)
+    with pytest.raises(ValueError, match=r"only in train \['bowling'\], only in val \['curling'\]"):
+        KineticsBuilder(root=str(tmp_path), image_size=32).build()

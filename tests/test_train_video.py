@@ -12,7 +12,7 @@ from PIL import Image
 
 import train as train_script
 import visualize
-from data import average_view_logits, fold_views
+from data import average_view_probs, fold_views
 from test_data_kinetics import write_video
 from train_helpers import CONF, FAST, TINY_MODEL, compose_cfg
 
@@ -45,15 +45,16 @@ def test_frame_blind_baseline_trains_on_the_same_task(tmp_path):
 
 
 def test_multi_view_evaluation_averages_the_views():
-    """A model that scores each view by its mean pixel: the clip's logits are the views' average."""
+    """A model that scores each view by its mean pixel: the clip's score is the views' mean probability."""
     x = torch.arange(2 * 3, dtype=torch.float32).view(2, 3, 1, 1, 1, 1).expand(2, 3, 1, 2, 4, 4)
 
     def model(clips):
         return torch.stack([clips.mean((1, 2, 3, 4)), -clips.mean((1, 2, 3, 4))], dim=1)
 
     logits = train_script.view_averaged(model, x, 3)
-    torch.testing.assert_close(logits, torch.tensor([[1.0, -1.0], [4.0, -4.0]]))
-    torch.testing.assert_close(average_view_logits(model(fold_views(x)), 3), logits)
+    views = torch.tensor([[0.0, 1, 2], [3, 4, 5]])  # each view's mean pixel
+    torch.testing.assert_close(logits, torch.stack([views, -views], -1).softmax(-1).mean(1))
+    torch.testing.assert_close(average_view_probs(model(fold_views(x)), 3), logits)
 
 
 @pytest.fixture
