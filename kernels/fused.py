@@ -120,7 +120,9 @@ def sample_mix_fwd_kernel(
                  p_o + i_t * P * C, C, 1, P, C, ACC, DOT, DOT_PRECISION, PA, PB, HAS_B, BLOCK_C, BLOCK_CO)
 
 
-@triton.jit
+# the clamps are float64 bit patterns (clamp_bits): specialising on them (divisible by 16, or not)
+# would compile the kernel once more for every new set of bounds
+@triton.jit(do_not_specialize=["clamp_x", "clamp_y", "clamp_t"])
 def sample_mix_bwd_kernel(
     p_do, p_f, p_pt, p_prm, p_bc, p_bs,
     p_df, p_dpt, p_dprm, p_dbc, p_dbs, p_dh,

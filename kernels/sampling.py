@@ -274,7 +274,9 @@ def sparse_sample_fwd_kernel(
         tl.store(p_ob + o_c[None, :], b_o.to(p_o.dtype.element_ty), mask=m_q[:, None] & m_c[None, :])
 
 
-@triton.jit
+# the clamps are float64 bit patterns (clamp_bits): specialising on them (divisible by 16, or not)
+# would compile the kernel once more for every new set of bounds
+@triton.jit(do_not_specialize=["clamp_x", "clamp_y", "clamp_t"])
 def sparse_sample_bwd_kernel(
     p_do, p_f, p_pt, p_df, p_dpt,
     T, H, W, C, N, P, NUM_Q_BLOCKS, clamp_x, clamp_y, clamp_t,
