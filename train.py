@@ -570,7 +570,9 @@ def finish(run: Run) -> float:
     state, info, logger = run.state, run.info, run.logger
     result = run.result or evaluate_and_log(run)  # eval-only, or resumed a finished run
     if run.train_skipped and info.is_main:
-        log.warning("%d undecodable training files were skipped", run.train_skipped)
+        # reads, not distinct files: under data.augment.repeats an epoch reads a file 0 to r times
+        log.warning("undecodable training files: %d reads skipped in the epoch with the most (each file is "
+                    "named, once per loader worker, in the warnings above)", run.train_skipped)
     if info.enabled:
         diff = replica_max_abs_diff(state.model, info)
         logger.summary({"ddp/replica_max_abs_diff": diff})
