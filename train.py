@@ -542,7 +542,9 @@ def evaluate_and_log(run: Run) -> dict:
     """Raw and EMA weights on the whole evaluation set, logged (and the RoI figure)."""
     state, data, info = run.state, run.data, run.info
     views = data.spec.views
-    res = evaluate(run.ddp_model, data.val_loader, data.eval_transform, info, run.precision, views)
+    # the module, not its DDP wrapper: DDP's forward may broadcast buffers (a collective) first, and a
+    # rank whose evaluation share is empty or undecodable runs no forward: the others would wait
+    res = evaluate(state.model, data.val_loader, data.eval_transform, info, run.precision, views)
     res_ema = evaluate(state.ema.module, data.val_loader, data.eval_transform, info, run.precision, views) \
         if state.ema else None
     metrics = {"val/top1": res["top1"], "val/top5": res["top5"], "val/images": res["n"],

@@ -109,3 +109,16 @@ def test_stand_in_batch_has_the_datasets_input_shape():
     assert x.shape == (1, 3, 32, 32) and x.dtype == torch.uint8 and y.tolist() == [0]
     x, _ = train_script.stand_in_batch(InputSpec(num_classes=5, in_chans=1, image_size=16, frames=8))
     assert x.shape == (1, 1, 8, 16, 16)
+
+
+def test_a_rank_with_nothing_to_evaluate_does_not_stall_the_others(tmp_path):
+    """One test item over 2 ranks: rank 1 runs no evaluation forward. Evaluating through the DDP
+    wrapper, rank 0's first forward would broadcast the CNN's BatchNorm buffers (a collective rank 1
+    never joins): the run must finish, with the one item counted."""
+    fast = [a for a in FAST if not a.startswith("trainer.epochs")]
+    res = run_train(["model=cnn_small", *TINY_MNIST, *fast, "data.test_samples=1", "trainer.epochs=1",
+                     "logger.mode=disabled"], cwd=tmp_path, torchrun=2, timeout=150)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = next((tmp_path / "outputs" / "torchrun").iterdir())
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val/top1" in line]
+    assert evals and all(e["val/images"] == 1 for e in evals)
