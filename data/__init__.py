@@ -27,6 +27,7 @@ Then `python train.py data=<name>` trains on it, and the config tests compose an
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,8 @@ from torch.utils.data import DataLoader, Dataset
 from .augment import BatchTransform, MixupCutmix
 from .base import COMMON_KEYS, DatasetBuilder, InputSpec, Splits, average_view_probs, builder_from_config, fold_views
 from .samplers import EvalSampler, TrainSampler, steps_per_epoch
+
+log = logging.getLogger(__name__)
 
 __all__ = ["COMMON_KEYS", "Data", "average_view_probs", "fold_views", "DatasetBuilder", "InputSpec", "Splits",
            "build_data", "builder_from_config", "collate_skip_none", "BatchTransform", "MixupCutmix", "TrainSampler",
@@ -73,6 +76,11 @@ def build_data(cfg, world_size: int = 1, rank: int = 0, seed: int = 0, device: t
     builder = builder_from_config(cfg)
     splits = builder.build()
     train_sampler = TrainSampler(len(splits.train), world_size, rank, seed, repeats=cfg.augment.repeats)
+    if cfg.augment.repeats > world_size and rank == 0:
+        log.warning("data.augment.repeats=%d with %d process(es): a rank gets several copies of an item in a row, "
+                    "mostly in one batch; repeated augmentation (DeiT) spreads an item's copies over as many ranks "
+                    "as repeats: set data.augment.repeats=%d (or 1) here", cfg.augment.repeats, world_size,
+                    world_size)
     val_sampler = EvalSampler(len(splits.val), world_size, rank)  # one test set for every run seed
     loader_kw = dict(num_workers=cfg.num_workers, collate_fn=collate_skip_none, pin_memory=device.type == "cuda",
                      persistent_workers=cfg.num_workers > 0)

@@ -280,3 +280,15 @@ def test_each_dataset_brings_its_default_model():
     assert compose_cfg(["data=moving_digits", "model=framewise_sparseformer_nano"]).model.name == \
         "framewise_sparseformer_nano"
     assert compose_cfg(["model=deit_small"]).model.img_size == 100  # data_model still applies
+
+
+@pytest.mark.parametrize("repeats, world, warns", [(3, 1, True), (2, 2, False), (1, 1, False)])
+def test_repeated_augmentation_on_fewer_ranks_than_repeats_warns(repeats, world, warns, caplog):
+    """data.augment.repeats > ranks puts an item's copies on one rank, mostly in one batch: said at build."""
+    from data import build_data
+
+    cfg = compose_cfg(["data.train_samples_per_epoch=32", "data.test_samples=8", "data.canvas_size=40",
+                       "data.num_clutter=2", "data.num_workers=0", f"data.augment.repeats={repeats}"])
+    with caplog.at_level("WARNING", logger="data"):
+        build_data(cfg.data, world_size=world, rank=0)
+    assert ("a rank gets several copies of an item in a row" in caplog.text) == warns
