@@ -88,10 +88,9 @@ def inflate(image_model: SparseFormer, replicates: int = 4, **overrides) -> Vide
     spans [r / R, (r + 1) / R], zero rows for the new time deltas of the RoI adjustment and of the
     offset Linear, and the temporal offset bias spread (offset_bias_init): with all t offsets equal
     the standardisation would divide by ~0. On a static clip whose sampled times stay inside the
-    clip, it computes the image model's logits (tests/test_model_video.py): at initialisation the
-    first and last replicates' early and late points sit 0.17 / R from the clip's ends, inside the
-    first and last frame centres when frames T >= 3R (12 for R = 4; shorter clips read some zero
-    padding there: max |logit difference| ~3e-3 at T = 8, R = 4)."""
+    clip, it computes the image model's logits (tests/test_model_video.py): from T = 4R frames on
+    (16 for R = 4); on shorter clips the first and last replicates' outermost points fall outside the
+    first and last frame centres and read some zero padding (the logits differ)."""
     kwargs = {**image_model.init_kwargs, "num_tokens": image_model.num_tokens, **overrides}
     video = VideoSparseFormer(replicates=replicates, **kwargs)
     state = image_model.state_dict()

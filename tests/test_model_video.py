@@ -57,7 +57,9 @@ def test_frame_order_matters():
 def test_inflated_model_on_a_static_clip_gives_the_image_logits(replicates):
     """Inflate an image SparseFormer (random non-trivial weights); on a clip whose frames all equal the
     image, every replicate computes the image model's tokens (duplicated keys leave attention
-    unchanged), as long as the sampled times stay inside the clip (32 frames here)."""
+    unchanged), as long as the sampled times stay inside the clip: from 4R frames on (3R too few for
+    R = 1, 2 and 4); at 2R frames the outermost points read zero padding beyond the first and last
+    frame centres and the logits differ (docs/MODEL.md, "Inflation")."""
     torch.manual_seed(0)
     image = model.create_model("sparseformer_nano", **{**TINY, "num_points": 9, "in_chans": 3}).eval()
     with torch.no_grad():
@@ -66,9 +68,12 @@ def test_inflated_model_on_a_static_clip_gives_the_image_logits(replicates):
     video = inflate(image, replicates=replicates).eval()
     assert video.num_tokens == 4 * replicates and video.ndim == 3
     img = torch.randn(2, 3, 32, 32)
-    clip = img[:, :, None].expand(-1, -1, 32, -1, -1)
     with torch.no_grad():
-        torch.testing.assert_close(video(clip), image(img), rtol=1e-4, atol=1e-5)
+        for frames in (32, 4 * replicates):
+            clip = img[:, :, None].expand(-1, -1, frames, -1, -1)
+            torch.testing.assert_close(video(clip), image(img), rtol=1e-4, atol=1e-5)
+        short = video(img[:, :, None].expand(-1, -1, 2 * replicates, -1, -1))
+        assert (short - image(img)).abs().max() > 1e-4
     # the temporal offsets are spread after inflation, as from scratch
     assert video.focusing.roi_offset_bias.view(9, 3)[:, 2].std() > 0.2
 
