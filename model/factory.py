@@ -71,13 +71,25 @@ def check_model_args(name: str, pretrained=False, **overrides) -> tuple[type, di
     return cls, {**defaults, **overrides}
 
 
+def _holds_video_weights(source, name: str) -> bool:
+    """Whether the file or URL `source` holds a VideoSparseFormer's state dict (6-wide tube RoIs), not
+    an image SparseFormer's to inflate; the authors' releases (true, a tag) are image weights."""
+    if source is True or hub.release_url(source, video.IMAGE_VARIANTS[name],
+                                         _PRETRAINED[sparseformer.SparseFormer].releases) is not None:
+        return False
+    state, _ = hub.find_state_dict(hub.read_checkpoint(hub.resolve(source, name, hub.PretrainedCfg())))
+    roi = state.get("token_roi") if isinstance(state, dict) else None
+    return roi is not None and roi.shape[-1] == 6
+
+
 def create_model(name: str, pretrained=False, **overrides) -> nn.Module:
     """Build a registered model; `overrides` replace the variant's defaults.
 
     pretrained: False; True (the authors' released weights of this variant, downloaded once into the
     torch hub cache); a release tag; a URL; or a file (a train.py checkpoint, a state dict, the
     authors' v1/v2 files). A different num_classes re-initialises the classifier (model/hub.py).
-    A VideoSparseFormer takes the weights of its image variant (video.IMAGE_VARIANTS), inflated.
+    A VideoSparseFormer takes the weights of its image variant (video.IMAGE_VARIANTS), inflated, or a
+    VideoSparseFormer's own (a file or URL holding 6-wide tube RoIs) as they are.
 
     SparseFormer keys: num_tokens, num_points, conv_dim, focusing_dim, cortex_dim, cortex_depth,
     focusing_repeats, num_heads, mlp_ratio, num_classes, in_chans, drop_path_rate, backend,
@@ -90,7 +102,10 @@ def create_model(name: str, pretrained=False, **overrides) -> nn.Module:
     """
     cls, kwargs = check_model_args(name, pretrained, **overrides)
     model = cls(**kwargs)
-    if pretrained and isinstance(model, video.VideoSparseFormer):
+    if pretrained and isinstance(model, video.VideoSparseFormer) and _holds_video_weights(pretrained, name):
+        # a video model's own weights (e.g. a Kinetics run's last.pt, to fine-tune elsewhere): as they are
+        hub.load_pretrained(model, pretrained, name, hub.PretrainedCfg("head.classifier", "stem.conv1"))
+    elif pretrained and isinstance(model, video.VideoSparseFormer):
         # the image variant with the same widths takes the weights, then inflates into this model
         image_kwargs = {k: v for k, v in model.init_kwargs.items() if k != "replicates"}
         image = create_model(video.IMAGE_VARIANTS[name], pretrained=pretrained, **image_kwargs)

@@ -134,3 +134,23 @@ def test_pretrained_video_model_inflates_its_image_variants_weights(tmp_path):
     expected = inflate(image, replicates=3)
     for (k, a), b in zip(video.state_dict().items(), expected.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_a_video_models_own_weights_load_as_they_are(tmp_path):
+    """pretrained=<a VideoSparseFormer checkpoint> (a Kinetics run's last.pt, to fine-tune on another
+    video set) loads its tube weights directly (not through the image variant, whose 4-wide RoIs would
+    not take them); another class count re-initialises only the classifier."""
+    torch.manual_seed(0)
+    trained = model.create_model("videosparseformer_nano", **{**TINY, "in_chans": 1}, replicates=3)
+    path = tmp_path / "last.pt"
+    torch.save({"model": trained.state_dict(), "step": 1}, path)
+    same = model.create_model("videosparseformer_nano", pretrained=str(path), **{**TINY, "in_chans": 1},
+                              replicates=3)
+    for (k, a), b in zip(same.state_dict().items(), trained.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    other = model.create_model("videosparseformer_nano", pretrained=str(path),
+                               **{**TINY, "in_chans": 1, "num_classes": 7}, replicates=3)
+    head = {k for k, v in other.state_dict().items() if v.shape != trained.state_dict()[k].shape}
+    assert head == {"head.classifier.weight", "head.classifier.bias"}, head
+    kept = [k for k in trained.state_dict() if k not in head]
+    assert all(torch.equal(other.state_dict()[k], trained.state_dict()[k]) for k in kept)
