@@ -345,11 +345,19 @@ def resume(state: TrainState, cfg: DictConfig, run_dir: Path, info: dist.DistInf
         return
     schedule, config = state.schedule, state.config
     checkpoint = read_once[1] if read_once is not None and read_once[0] == path else ckpt.load(path)
+    ranks = len(checkpoint.get("rng") or []) or info.world_size  # the ranks that wrote it
     if not cfg.trainer.eval_only:  # before the weights: another model's would fail to load with less to say
-        ranks = len(checkpoint.get("rng") or []) or info.world_size
         check_resumed_config(checkpoint.get("config") or {}, config, ranks, path, cfg.trainer.allow_config_change,
                              info)
     state.load_state_dict(checkpoint, info.rank)
+    old_batch = (checkpoint.get("config") or {}).get("data", {}).get("batch_size")
+    if not cfg.trainer.eval_only and state.batch_in_epoch \
+            and (ranks != info.world_size or old_batch not in (None, cfg.data.batch_size)):
+        # (allow_config_change) a sampler position counted in the old sharding means nothing now
+        if info.is_main:
+            log.warning("ranks or batch size changed mid-epoch: epoch %d restarts from its first batch",
+                        state.epoch)
+        state.batch_in_epoch = 0
     if not cfg.trainer.eval_only:
         if state.ema is not None and not state.restored_ema and info.is_main:
             log.warning("%s holds no EMA: the EMA starts from its weights at step %d", path, state.step)

@@ -247,3 +247,27 @@ def test_a_run_stopped_during_an_evaluation_evaluates_first_on_resume(tmp_path, 
     assert calls == [4, 4, 8, 12]
     assert val_points(run_dir) == val_points(ref_dir) and [s for s, _ in val_points(ref_dir)] == [4, 8, 12]
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["evaluated_epoch"] == 2  # step 8's
+
+
+def test_a_changed_batch_size_restarts_the_epoch_and_new_ranks_keep_their_seeds(two_steps, tmp_path, caplog):
+    """trainer.allow_config_change with another batch size, stopped mid-epoch: the sampler position (in
+    the old batches) is dropped and the epoch restarts. A rank the checkpoint has no RNG state for keeps
+    its own seeding instead of replaying rank 0's draws."""
+    from training.checkpoint import TrainState
+
+    run_dir = copy_run(two_steps, tmp_path / "run")
+    with caplog.at_level("WARNING", logger="train"):
+        train_script.train(compose_cfg([*ARGS, f"run_dir={run_dir}", "trainer.resume=auto", "data.batch_size=16",
+                                        "trainer.allow_config_change=true", "trainer.max_steps=3"]), run_dir)
+    assert "epoch 0 restarts from its first batch" in caplog.text
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (3, 0, 1)
+
+    net = torch.nn.Linear(2, 2)
+    saved = torch.load(two_steps / "checkpoints" / "last.pt", weights_only=True)
+    saved = {**saved, "model": net.state_dict(), "ema": None, "optimizer": None}
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    TrainState(model=net, ema=None, optimizer=None, scaler=None, schedule={}).load_state_dict(saved, rank=1)
+    assert torch.equal(torch.rand(3), expected)  # rank 1 of a 1-rank run: its own stream

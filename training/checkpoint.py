@@ -140,7 +140,8 @@ class TrainState:
         }
 
     def load_state_dict(self, ckpt: dict, rank: int = 0) -> None:
-        """The inverse of `state_dict`: this rank's RNG (rank 0's when the run had fewer ranks)."""
+        """The inverse of `state_dict`: this rank's RNG state (a rank the run did not have keeps its own
+        seeding: copying another rank's stream would repeat that rank's augmentation draws)."""
         self.model.load_state_dict(ckpt["model"])
         self.restored_ema = self.ema is not None and ckpt.get("ema") is not None
         if self.restored_ema:
@@ -161,8 +162,8 @@ class TrainState:
         self.cpu_seconds = float(ckpt.get("cpu_seconds", 0.0))
         self.evaluated_epoch = int(ckpt.get("evaluated_epoch", self.epoch))  # (older files: taken as evaluated)
         rng = ckpt.get("rng")
-        if rng:
-            set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+        if rng and rank < len(rng):  # a rank the run did not have keeps the stream it was seeded with
+            set_rng_state(rng[rank])
 
     def save(self, path: Path, info: dist.DistInfo) -> None:
         """Collective: every rank's RNG state is gathered, rank 0 writes `path` atomically. Weights that
