@@ -1,6 +1,7 @@
 """Batch augmentation on the device: the part of the DeiT/SparseFormer recipe that works on whole
-batches (RandAugment, normalisation, random erasing, Mixup/CutMix + label smoothing). Random
-draws use torch's global generator, which the checkpoint saves, so a resumed run replays them."""
+batches (timm's RandAugment, data/randaugment.py; normalisation, random erasing, Mixup/CutMix +
+label smoothing). Random draws use torch's global generator, which the checkpoint saves, so a
+resumed run replays them."""
 from __future__ import annotations
 
 import torch
@@ -62,9 +63,13 @@ class BatchTransform(nn.Module):
         self.train_mode, self.num_classes, self.label_smoothing = train, num_classes, label_smoothing
         self.randaugment = self.erasing = None
         if train and randaugment:
-            from kornia.augmentation.auto import RandAugment
+            from .randaugment import RandAugment
 
-            self.randaugment = RandAugment(n=randaugment["n"], m=randaugment["m"])
+            unknown = set(randaugment) - {"n", "m", "mstd", "p"}
+            if unknown:
+                raise ValueError(f"data.augment.randaugment: unknown key(s) {sorted(unknown)}; known: n (ops per "
+                                 "image), m (magnitude 0-10), mstd (its noise), p (each op's probability)")
+            self.randaugment = RandAugment(**randaugment, fill=tuple(mean))  # timm's; fills with the mean pixel
         if train and random_erasing > 0:
             from kornia.augmentation import RandomErasing
 

@@ -2,10 +2,10 @@
 random erasing, Mixup/CutMix + label smoothing) with one set of random parameters per clip, shared by
 all of its frames, so that augmentation never creates motion that is not in the video.
 
-Frames are folded into the batch, (B, C, T, H, W) -> (B·T, C, H, W), and kornia's per-sample
-parameters, drawn for the B clips, are repeated T times. (kornia's `VideoSequential(same_on_frame=True)`
-refuses RandAugment, a policy of nested sequentials.) Ops whose effect depends on the image itself
-(equalize, autocontrast) still see each frame's own histogram, with the clip's parameters.
+Frames are folded into the batch, (B, C, T, H, W) -> (B·T, C, H, W), and the per-sample parameters
+(data/randaugment.py's, kornia's random erasing's), drawn for the B clips, are repeated T times. Ops
+whose effect depends on the image itself (equalize, autocontrast) still see each frame's own
+histogram, with the clip's parameters.
 Mixup mixes whole clips and CutMix pastes the same box in every frame (`MixupCutmix` indexes the
 last two axes, so it takes clips as they are).
 

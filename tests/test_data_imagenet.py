@@ -138,7 +138,7 @@ def test_moving_the_transform_leaves_kornias_samplers_on_the_cpu():
     tf = BatchTransform([0.5] * 3, [0.25] * 3, num_classes=4, train=True, randaugment={"n": 2, "m": 9},
                         random_erasing=0.5).to(torch.float64)
     samplers = [m for m in tf.modules() if hasattr(m, "set_rng_device_and_dtype") and hasattr(m, "device")]
-    assert len(samplers) > 10 and tf.mean.dtype == torch.float64
+    assert samplers and tf.mean.dtype == torch.float64  # random erasing's (RandAugment draws on the CPU itself)
     assert {(m.device.type, m.dtype) for m in samplers} == {("cpu", torch.float32)}
     out, _ = tf((torch.rand(4, 3, 24, 24) * 255).to(torch.uint8), torch.tensor([0, 1, 2, 3]))
     assert torch.isfinite(out).all()
