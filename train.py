@@ -282,8 +282,9 @@ def use_checkpoint_model(cfg: DictConfig, run_dir: Path, info: dist.DistInfo,
     stored = checkpoint.get("config", {}).get("model")
     if not stored:
         return path, checkpoint
-    stored = {**stored, "pretrained": False}  # the weights come from the checkpoint
-    if stored != {**OmegaConf.to_container(cfg.model, resolve=True), **from_data, "pretrained": False} and info.is_main:
+    stored = {k: v for k, v in stored.items() if k != "pretrained_ema"} | {"pretrained": False}  # weights: the file's
+    command = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "pretrained_ema"}
+    if stored != {**command, **from_data, "pretrained": False} and info.is_main:
         log.info("trainer.eval_only: evaluating the model stored in %s (%s), not model=%s", path, stored.get("name"),
                  cfg.model.get("name"))
     cfg.model = OmegaConf.create(stored)

@@ -82,12 +82,14 @@ def _holds_video_weights(source, name: str) -> bool:
     return roi is not None and roi.shape[-1] == 6
 
 
-def create_model(name: str, pretrained=False, **overrides) -> nn.Module:
+def create_model(name: str, pretrained=False, pretrained_ema: bool = False, **overrides) -> nn.Module:
     """Build a registered model; `overrides` replace the variant's defaults.
 
     pretrained: False; True (the authors' released weights of this variant, downloaded once into the
     torch hub cache); a release tag; a URL; or a file (a train.py checkpoint, a state dict, the
     authors' v1/v2 files). A different num_classes re-initialises the classifier (model/hub.py).
+    pretrained_ema: take the file's EMA weights (a train.py checkpoint's `ema`, timm's `model_ema`)
+    instead of its raw ones; an error when it has none.
     A VideoSparseFormer takes the weights of its image variant (video.IMAGE_VARIANTS), inflated, or a
     VideoSparseFormer's own (a file or URL holding 6-wide tube RoIs) as they are.
 
@@ -104,12 +106,16 @@ def create_model(name: str, pretrained=False, **overrides) -> nn.Module:
     model = cls(**kwargs)
     if pretrained and isinstance(model, video.VideoSparseFormer) and _holds_video_weights(pretrained, name):
         # a video model's own weights (e.g. a Kinetics run's last.pt, to fine-tune elsewhere): as they are
-        hub.load_pretrained(model, pretrained, name, hub.PretrainedCfg("head.classifier", "stem.conv1"))
+        hub.load_pretrained(model, pretrained, name, hub.PretrainedCfg("head.classifier", "stem.conv1"),
+                            use_ema=pretrained_ema)
     elif pretrained and isinstance(model, video.VideoSparseFormer):
         # the image variant with the same widths takes the weights, then inflates into this model
         image_kwargs = {k: v for k, v in model.init_kwargs.items() if k != "replicates"}
-        image = create_model(video.IMAGE_VARIANTS[name], pretrained=pretrained, **image_kwargs)
+        image = create_model(video.IMAGE_VARIANTS[name], pretrained=pretrained, pretrained_ema=pretrained_ema,
+                             **image_kwargs)
         model.load_state_dict(video.inflate(image, model.replicates).state_dict())
     elif pretrained:
-        hub.load_pretrained(model, pretrained, name, _PRETRAINED.get(cls, hub.PretrainedCfg()))
+        hub.load_pretrained(model, pretrained, name, _PRETRAINED.get(cls, hub.PretrainedCfg()), use_ema=pretrained_ema)
+    elif pretrained_ema:
+        raise ValueError(f"{name}: pretrained_ema=true takes the EMA weights of `pretrained`, which is not set")
     return model

@@ -28,6 +28,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
+EMA_KEYS = ("model_ema", "ema")  # timm's, train.py's ({"module": state, "updates": n})
 
 
 @dataclass(frozen=True)
@@ -135,10 +136,11 @@ def is_train_checkpoint(obj) -> bool:
 
 def find_state_dict(obj, use_ema: bool = False) -> tuple[dict, dict | None]:
     """(state dict, a config stored beside it or None) from a bare or wrapped checkpoint: under
-    `state_dict` / `model` / `model_ema` / `module` (nested; `model_ema` first with `use_ema`), a
-    `module.` prefix stripped. A train.py checkpoint gives its `model` weights."""
+    `state_dict` / `model` / `model_ema` / `module` (nested; with `use_ema` the EMA first where there
+    is one: timm's `model_ema`, train.py's `ema`), a `module.` prefix stripped. A train.py checkpoint
+    gives its `model` weights (its `ema` ones with `use_ema`)."""
     config = obj["config"] if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
-    order = ("model_ema", *WRAPPER_KEYS) if use_ema else WRAPPER_KEYS
+    order = EMA_KEYS + WRAPPER_KEYS if use_ema else WRAPPER_KEYS
     while isinstance(obj, dict):
         inner = next((obj[k] for k in order if isinstance(obj.get(k), dict)), None)
         if inner is None:
@@ -187,14 +189,20 @@ def adapt_to_model(state: dict, model: nn.Module, cfg: PretrainedCfg) -> dict:
     return state
 
 
-def load_pretrained(model: nn.Module, source, name: str, cfg: PretrainedCfg, progress: bool = True) -> nn.Module:
-    """Load the weights `source` names into `model` (any layout `cfg.filter_fn` knows, or ours)."""
+def load_pretrained(model: nn.Module, source, name: str, cfg: PretrainedCfg, progress: bool = True,
+                    use_ema: bool = False) -> nn.Module:
+    """Load the weights `source` names into `model` (any layout `cfg.filter_fn` knows, or ours); with
+    `use_ema`, its EMA weights, which the file must hold."""
     path = resolve(source, name, cfg, progress)
-    state, _ = find_state_dict(read_checkpoint(path))
+    checkpoint = read_checkpoint(path)
+    if use_ema and not (isinstance(checkpoint, dict) and any(isinstance(checkpoint.get(k), dict) for k in EMA_KEYS)):
+        raise ValueError(f"{path}: pretrained_ema=true but the file holds no EMA weights (no {' / '.join(EMA_KEYS)}; "
+                         "a run trained with trainer.ema_decay=null has none): drop pretrained_ema")
+    state, _ = find_state_dict(checkpoint, use_ema)
     if cfg.filter_fn is not None:
         state = cfg.filter_fn(state, model)
     state = adapt_to_model(state, model, cfg)
     check_state_dict(state, model, f"pretrained weights {path}")
     model.load_state_dict(state)
-    log.info("%s: loaded pretrained weights from %s", name, path)
+    log.info("%s: loaded pretrained %sweights from %s", name, "EMA " if use_ema else "", path)
     return model

@@ -849,7 +849,8 @@ def _load_train_checkpoint(obj: dict, use_ema: bool, overrides: dict) -> nn.Modu
     """The model of a train.py checkpoint, built from the config stored in it (training/checkpoint.py)."""
     from .factory import create_model
 
-    cfg = {k: v for k, v in obj["config"].get("model", {}).items() if k not in ("_target_", "pretrained")}
+    cfg = {k: v for k, v in obj["config"].get("model", {}).items()
+           if k not in ("_target_", "pretrained", "pretrained_ema")}
     model = create_model(**cfg, **overrides)
     weights = obj["ema"]["module"] if use_ema and isinstance(obj.get("ema"), dict) and "module" in obj["ema"] else None
     model.load_state_dict(weights if weights is not None else obj["model"])

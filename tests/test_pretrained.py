@@ -174,3 +174,23 @@ def test_own_deit_weights_round_trip(tmp_path):
 def test_cached_path_and_url_detection():
     assert hub.is_url("file:///x/y.pth") and hub.is_url("https://a/b.pth") and not hub.is_url("/x/y.pth")
     assert hub.cached_path("https://host/a/b/w.pth?download=1").name == "w.pth"
+
+
+def test_pretrained_ema_takes_the_ema_weights_of_our_checkpoint(tmp_path):
+    """pretrained=<a train.py last.pt> takes its raw weights; pretrained_ema=true its EMA's; a file
+    without an EMA is an error naming it, and pretrained_ema without pretrained is refused."""
+    raw = model.create_model("sparseformer_nano", num_tokens=4, num_points=4)
+    ema = model.create_model("sparseformer_nano", num_tokens=4, num_points=4)
+    assert not torch.equal(raw.head.classifier.weight, ema.head.classifier.weight)
+    path = tmp_path / "last.pt"
+    torch.save({"model": raw.state_dict(), "ema": {"module": ema.state_dict(), "updates": 3}, "step": 3}, path)
+    for use_ema, expected in ((False, raw), (True, ema)):
+        got = model.create_model("sparseformer_nano", pretrained=str(path), pretrained_ema=use_ema,
+                                 num_tokens=4, num_points=4)
+        for (k, a), b in zip(got.state_dict().items(), expected.state_dict().values(), strict=True):
+            assert torch.equal(a, b), (use_ema, k)
+    torch.save({"model": raw.state_dict(), "ema": None, "step": 3}, path)
+    with pytest.raises(ValueError, match="holds no EMA weights"):
+        model.create_model("sparseformer_nano", pretrained=str(path), pretrained_ema=True, num_tokens=4, num_points=4)
+    with pytest.raises(ValueError, match="pretrained_ema=true takes the EMA weights of `pretrained`"):
+        model.create_model("sparseformer_nano", pretrained_ema=True)

@@ -107,7 +107,7 @@ RESUME_MAY_CHANGE = ("run_dir", "name", "trainer.resume", "trainer.max_steps", "
                      "trainer.ckpt_every_steps", "trainer.eval_every_epochs", "trainer.allow_config_change",
                      "trainer.eval_only", "logger", "hardware.device", "hardware.dist_backend",
                      "hardware.num_threads", "data.num_workers", "data.root", "data.eval_batch_size",
-                     "model.pretrained")
+                     "model.pretrained", "model.pretrained_ema")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
