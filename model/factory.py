@@ -53,7 +53,7 @@ def model_defaults(name: str) -> dict:
     return dict(check_model_args(name)[1])
 
 
-def check_model_args(name: str, pretrained=False, **overrides) -> tuple[type, dict]:
+def check_model_args(name: str, pretrained=False, pretrained_ema: bool = False, **overrides) -> tuple[type, dict]:
     """(class, its keyword arguments) for `create_model(name, pretrained, **overrides)`, or a
     ValueError naming the unknown name, the unknown override or the unusable `pretrained`; builds nothing."""
     if name not in _REGISTRY:
@@ -63,6 +63,8 @@ def check_model_args(name: str, pretrained=False, **overrides) -> tuple[type, di
     unknown = set(overrides) - accepted
     if unknown:
         raise ValueError(f"{name}: unknown override(s) {sorted(unknown)}; accepted: {sorted(accepted)}")
+    if pretrained_ema and not pretrained:
+        raise ValueError(f"{name}: pretrained_ema=true takes the EMA weights of `pretrained`, which is not set")
     if issubclass(cls, video.VideoSparseFormer):  # image weights, inflated (model/video.py)
         image = video.IMAGE_VARIANTS[name]
         hub.check_source(pretrained, image, _PRETRAINED[sparseformer.SparseFormer])
@@ -102,7 +104,7 @@ def create_model(name: str, pretrained=False, pretrained_ema: bool = False, **ov
     ponder_weight, distr_weight, target_depth.
     SmallCNN keys (model/cnn.py): in_chans, num_classes, widths.
     """
-    cls, kwargs = check_model_args(name, pretrained, **overrides)
+    cls, kwargs = check_model_args(name, pretrained, pretrained_ema, **overrides)
     model = cls(**kwargs)
     if pretrained and isinstance(model, video.VideoSparseFormer) and _holds_video_weights(pretrained, name):
         # a video model's own weights (e.g. a Kinetics run's last.pt, to fine-tune elsewhere): as they are
@@ -116,6 +118,4 @@ def create_model(name: str, pretrained=False, pretrained_ema: bool = False, **ov
         model.load_state_dict(video.inflate(image, model.replicates).state_dict())
     elif pretrained:
         hub.load_pretrained(model, pretrained, name, _PRETRAINED.get(cls, hub.PretrainedCfg()), use_ema=pretrained_ema)
-    elif pretrained_ema:
-        raise ValueError(f"{name}: pretrained_ema=true takes the EMA weights of `pretrained`, which is not set")
     return model

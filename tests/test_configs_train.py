@@ -235,6 +235,7 @@ def test_slurm_launcher_config_composes():
     ("+model.num_tokenz=3", "num_tokenz"),
     ("model.pretrained=/nonexistent/weights.pth", "pretrained"),
     ("model=sparseformer_nano model.pretrained=true", "sparseformer_nano: no released weights"),
+    ("+model.pretrained_ema=true", "pretrained_ema=true takes the EMA weights of `pretrained`"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
