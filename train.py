@@ -219,6 +219,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         end_of_epoch = train_one_epoch(run)
         if run.finished or (end_of_epoch and run.state.epoch % tr.eval_every_epochs == 0):
             run.result = evaluate_and_log(run)
+            if run.finished and end_of_epoch:  # the checkpoint records it: a longer resume does not redo it
+                run.save()
     return finish(run)
 
 

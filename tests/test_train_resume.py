@@ -246,7 +246,7 @@ def test_a_run_stopped_during_an_evaluation_evaluates_first_on_resume(tmp_path, 
     train_script.train(compose_cfg([*ARGS, f"run_dir={run_dir}", "trainer.resume=auto"]), run_dir)
     assert calls == [4, 4, 8, 12]
     assert val_points(run_dir) == val_points(ref_dir) and [s for s, _ in val_points(ref_dir)] == [4, 8, 12]
-    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["evaluated_epoch"] == 2  # step 8's
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["evaluated_epoch"] == 3  # the last, saved
 
 
 def test_a_changed_batch_size_restarts_the_epoch_and_new_ranks_keep_their_seeds(two_steps, tmp_path, caplog):
@@ -271,3 +271,14 @@ def test_a_changed_batch_size_restarts_the_epoch_and_new_ranks_keep_their_seeds(
     torch.manual_seed(123)
     TrainState(model=net, ema=None, optimizer=None, scaler=None, schedule={}).load_state_dict(saved, rank=1)
     assert torch.equal(torch.rand(3), expected)  # rank 1 of a 1-rank run: its own stream
+
+
+def test_a_run_stopped_at_an_epoch_end_is_not_evaluated_again_on_resume(tmp_path):
+    """trainer.max_steps at an epoch end: the run evaluates and its checkpoint says so; resumed for
+    longer, it trains on without evaluating that epoch a second time."""
+    run_dir = tmp_path / "run"
+    train_script.train(compose_cfg([*ARGS, f"run_dir={run_dir}", "trainer.max_steps=4"]), run_dir)
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["evaluated_epoch"] == 1
+    train_script.train(compose_cfg([*ARGS, f"run_dir={run_dir}", "trainer.resume=auto", "trainer.max_steps=8"]),
+                       run_dir)
+    assert [s for s, _ in val_points(run_dir)] == [4, 8]
