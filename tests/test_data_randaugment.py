@@ -124,3 +124,24 @@ def test_an_unknown_randaugment_key_is_named():
 
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['magnitude'\]"):
         BatchTransform(MEAN, (0.2,) * 3, num_classes=4, train=True, randaugment={"n": 2, "magnitude": 9})
+
+
+def test_no_op_reads_the_device_back(monkeypatch):
+    """The CPU stand-in for the GPU check (tests/test_data_augment_gpu.py): on the meta device, where
+    any device-to-host read would have to be recorded, every op of 10 batches runs without one (the
+    draws and the choice of each op's images stay on the CPU)."""
+    reads = []
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def recording(self, *args, _original=original, _name=name, **kwargs):
+            if self.device.type == "meta":
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, recording)
+    ra = RandAugment(n=2, m=9, fill=MEAN).to("meta")
+    torch.manual_seed(0)
+    for _ in range(10):
+        out = ra(torch.empty(64, 3, 16, 16, device="meta"))
+    assert reads == [] and out.device.type == "meta"
