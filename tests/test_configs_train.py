@@ -293,3 +293,21 @@ def test_repeated_augmentation_on_fewer_ranks_than_repeats_warns(repeats, world,
     with caplog.at_level("WARNING", logger="data"):
         build_data(cfg.data, world_size=world, rank=0)
     assert ("a rank gets several copies of an item in a row" in caplog.text) == warns
+
+
+def test_a_resume_keeps_the_runs_first_hydra_config(tmp_path, monkeypatch):
+    """hydra.output_subdir: a resume into a run folder that has .hydra/config.yaml writes its own to
+    .hydra/resume-<UTC>/, also under torchrun with run_dir=null (the folder is the rendezvous'); a
+    new run writes .hydra; ranks other than 0 write nothing."""
+    from training.config import output_subdir_resolver
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    (tmp_path / "outputs" / "torchrun" / "job7" / ".hydra").mkdir(parents=True)
+    (tmp_path / "outputs" / "torchrun" / "job7" / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    assert output_subdir_resolver("auto", None).startswith(".hydra/resume-")
+    assert output_subdir_resolver("auto", str(tmp_path / "elsewhere")) == ".hydra"  # a new folder
+    assert output_subdir_resolver(None, None) == ".hydra"
+    monkeypatch.setenv("RANK", "1")
+    assert output_subdir_resolver("auto", None) is None

@@ -31,8 +31,8 @@ def output_subdir_resolver(resume=None, run_dir=None) -> str | None:
     the run started with stays where it was."""
     if os.environ.get("RANK", "0") != "0":
         return None
-    if resume not in (None, "None", "null", "", False) and run_dir not in (None, "None", "null", "") \
-            and (Path(str(run_dir)) / ".hydra" / "config.yaml").is_file():
+    folder = Path(run_dir_resolver(run_dir))  # the run dir hydra.run.dir resolves to (torchrun: its rendezvous')
+    if resume not in (None, "None", "null", "", False) and (folder / ".hydra" / "config.yaml").is_file():
         return time.strftime(".hydra/resume-%Y-%m-%d_%H-%M-%S", time.gmtime())
     return ".hydra"
 
