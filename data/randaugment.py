@@ -17,7 +17,8 @@ to [0, 10] (timm's `magnitude_std`), and a random sign for the signed ops. The "
 | SolarizeAdd | add int(110·v/10) to pixels < 128 |
 | Color/Contrast/Brightness/SharpnessIncreasing | enhance factor 1 ± 0.9·v/10 (PIL ImageEnhance) |
 
-Geometric ops fill with the dataset mean pixel (timm's `img_mean`) and sample bilinearly. Images
+Geometric ops fill with the dataset mean pixel (timm's `img_mean`) and sample bilinearly (DeiT's timm
+transform passes bicubic there; torch's bicubic kernel is not PIL's, so bilinear, tested against PIL's). Images
 are float (B, C, H, W) in [0, 1] (uint8 levels / 255). Random draws come from torch's global CPU
 generator (saved in checkpoints), made on the CPU so that choosing each op's samples needs no host
 sync; `forward_parameters` / `forward(x, params=...)` let `video_augment.SameOnFrames` give every
