@@ -168,8 +168,13 @@ class Run:
     train_skipped: int = 0
     cpu_start: float = 0.0  # time.process_time() at setup (trainer.cpu_budget_s)
     cpu_before: float = 0.0  # the training CPU seconds of the run before this start (its checkpoint's)
-    budget_spent: float = 0.0  # fraction of trainer.cpu_budget_s used (measure_budget)
     result: dict | None = None
+
+    @property
+    def budget_spent(self) -> float:
+        """The fraction of trainer.cpu_budget_s used, as of the last count_cpu (0 without a budget)."""
+        budget = self.cfg.trainer.get("cpu_budget_s")
+        return self.state.cpu_seconds / budget if budget else 0.0
 
     @property
     def max_steps(self) -> int:
@@ -189,12 +194,10 @@ class Run:
         self.state.cpu_seconds = self.cpu_before + dist.all_reduce_sum(spent, self.info).item()
 
     def measure_budget(self) -> None:
-        """budget_spent = the fraction of trainer.cpu_budget_s used (count_cpu), so a run gets the same
-        compute whatever else loads the machine, across resumes too."""
-        budget = self.cfg.trainer.get("cpu_budget_s")
-        if budget:
+        """Under trainer.cpu_budget_s, count_cpu at every step (budget_spent follows), so a run gets the
+        same compute whatever else loads the machine, across resumes too."""
+        if self.cfg.trainer.get("cpu_budget_s"):
             self.count_cpu()
-            self.budget_spent = self.state.cpu_seconds / budget
 
     def save(self) -> None:
         """Collective: the checkpoint, with the CPU seconds up to now (under a budget, measure_budget
@@ -267,8 +270,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
     state.wandb_id = logger.run_id or state.wandb_id
     log_run_summary(cfg, state, data, info, logger, flops)
     return Run(cfg, run_dir, info, precision, data, state, ddp_model, logger, pick_roi_images(cfg, data, model, info),
-               start_time, cpu_start=time.process_time(), cpu_before=state.cpu_seconds,
-               budget_spent=state.cpu_seconds / cfg.trainer.cpu_budget_s if cfg.trainer.get("cpu_budget_s") else 0.0)
+               start_time, cpu_start=time.process_time(), cpu_before=state.cpu_seconds)
 
 
 def use_checkpoint_model(cfg: DictConfig, run_dir: Path, info: dist.DistInfo,
@@ -284,9 +286,11 @@ def use_checkpoint_model(cfg: DictConfig, run_dir: Path, info: dist.DistInfo,
     stored = checkpoint.get("config", {}).get("model")
     if not stored:
         return path, checkpoint
-    stored = {k: v for k, v in stored.items() if k != "pretrained_ema"} | {"pretrained": False}  # weights: the file's
-    command = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "pretrained_ema"}
-    if stored != {**command, **from_data, "pretrained": False} and info.is_main:
+    def built(model_cfg: dict) -> dict:  # the model a config builds here: the weights are the file's
+        return {k: v for k, v in model_cfg.items() if k != "pretrained_ema"} | {"pretrained": False}
+
+    stored = built(stored)
+    if stored != built({**OmegaConf.to_container(cfg.model, resolve=True), **from_data}) and info.is_main:
         log.info("trainer.eval_only: evaluating the model stored in %s (%s), not model=%s", path, stored.get("name"),
                  cfg.model.get("name"))
     cfg.model = OmegaConf.create(stored)
@@ -353,19 +357,19 @@ def resume(state: TrainState, cfg: DictConfig, run_dir: Path, info: dist.DistInf
         check_resumed_config(checkpoint.get("config") or {}, config, ranks, path, cfg.trainer.allow_config_change,
                              info)
     state.load_state_dict(checkpoint, info.rank)
-    old_batch = (checkpoint.get("config") or {}).get("data", {}).get("batch_size")
-    if not cfg.trainer.eval_only and state.batch_in_epoch \
-            and (ranks != info.world_size or old_batch not in (None, cfg.data.batch_size)):
-        # (allow_config_change) a sampler position counted in the old sharding means nothing now
-        if info.is_main:
-            log.warning("ranks or batch size changed mid-epoch: epoch %d restarts from its first batch",
-                        state.epoch)
-        state.batch_in_epoch = 0
-    if not cfg.trainer.eval_only:
+    if cfg.trainer.eval_only:
+        if not state.restored_ema:  # nothing to report as the EMA: not a fresh copy of random or raw weights
+            state.ema = None
+    else:
+        old_batch = (checkpoint.get("config") or {}).get("data", {}).get("batch_size")
+        if state.batch_in_epoch and (ranks != info.world_size or old_batch not in (None, cfg.data.batch_size)):
+            # (allow_config_change) a sampler position counted in the old sharding means nothing now
+            if info.is_main:
+                log.warning("ranks or batch size changed mid-epoch: epoch %d restarts from its first batch",
+                            state.epoch)
+            state.batch_in_epoch = 0
         if state.ema is not None and not state.restored_ema and info.is_main:
             log.warning("%s holds no EMA: the EMA starts from its weights at step %d", path, state.step)
-    elif not state.restored_ema:  # nothing to report as the EMA: not a fresh copy of random or raw weights
-        state.ema = None
     if state.schedule != schedule and info.is_main:
         log.warning("the config's lr schedule %s differs from the checkpoint's %s: following the config",
                     schedule, state.schedule)

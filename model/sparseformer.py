@@ -852,8 +852,7 @@ def _load_train_checkpoint(obj: dict, use_ema: bool, overrides: dict) -> nn.Modu
     cfg = {k: v for k, v in obj["config"].get("model", {}).items()
            if k not in ("_target_", "pretrained", "pretrained_ema")}
     model = create_model(**cfg, **overrides)
-    weights = obj["ema"]["module"] if use_ema and isinstance(obj.get("ema"), dict) and "module" in obj["ema"] else None
-    model.load_state_dict(weights if weights is not None else obj["model"])
+    model.load_state_dict(find_state_dict(obj, use_ema)[0])  # its `ema` weights with use_ema, where it has them
     return model
 
 
