@@ -642,7 +642,7 @@ def launch_local_processes(cfg: DictConfig, run_dir: str, overrides: list[str]) 
     returncode = lifecycle.run_child(cmd, env)
     failure = lifecycle.take_rank_failure(run_dir)
     if returncode in (-signal.SIGINT, -signal.SIGTERM):
-        raise SystemExit(interrupted(run_dir, keep))
+        raise SystemExit(interrupted(run_dir, overrides))  # the user's own (keep dropped hardware.num_threads)
     if failure:
         raise SystemExit(f"training failed: {failure} (traceback in {run_dir}/train.log)")
     if returncode:

@@ -76,6 +76,8 @@ def test_killing_the_launcher_leaves_no_process_and_no_writes(tmp_path, sig):
         if sig == signal.SIGTERM:
             out = proc.stdout.read().decode()
             assert "interrupted at step" in out and "trainer.resume=auto" in out, out[-2000:]
+            line = next(x for x in out.splitlines() if "interrupted at step" in x)
+            assert "hardware.num_threads=1" in line and "hardware.processes=2" in line, line  # the user's overrides
     finally:
         for pid in tagged_pids(tag):
             with contextlib.suppress(ProcessLookupError):
