@@ -333,3 +333,42 @@ def test_different_class_folders_are_named(tmp_path):
             write_video(tmp_path / split / c / "v.mp4", num_frames=2)
     with pytest.raises(ValueError, match=r"only in train \['bowling'\], only in val \['curling'\]"):
         KineticsBuilder(root=str(tmp_path), image_size=32).build()
+
+
+def test_a_memory_error_is_raised_not_counted_as_a_bad_video(root, monkeypatch):
+    """Running out of memory is the machine's problem: it ends the item's worker instead of being
+    logged as one more unreadable video (every video would be 'skipped' that way)."""
+    import data.kinetics as kinetics
+
+    ds = KineticsClips(root, "train", train=True, num_frames=4, frame_stride=2, image_size=16)
+    monkeypatch.setattr(kinetics, "decode_frames", lambda *a, **k: (_ for _ in ()).throw(MemoryError("oom")))
+    with pytest.raises(MemoryError):
+        ds[(index_of(ds, "a0.mp4"), 0)]
+
+
+def test_frame_counts_are_read_once_per_worker(tmp_path, monkeypatch):
+    """stated_frames is cached: a webm/mkv without a header count is demuxed once, not at every epoch."""
+    import data.kinetics as kinetics
+
+    path = str(write_video(tmp_path / "v.mp4"))
+    kinetics.stated_frames.cache_clear()
+    opened = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    assert kinetics.stated_frames(path) == kinetics.stated_frames(path) == FRAMES
+    assert opened == [path]
+
+
+def test_a_broken_pyav_is_one_error_at_build(root, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_av(name, *args, **kwargs):
+        if name == "av":
+            raise ImportError("libavformat.so: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_av)
+    with pytest.raises(ImportError, match="data=kinetics decodes with PyAV, which does not import"):
+        KineticsBuilder(root=str(root), image_size=32).build()

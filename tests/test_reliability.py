@@ -209,3 +209,20 @@ def test_the_ranks_are_outside_the_terminals_process_group(tmp_path):
         for pid in tagged_pids(tag):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_is_ours_only_outside_torchrun_and_multi_task_slurm(monkeypatch):
+    """A one-process run takes SIGTERM as Ctrl-C; a rank that torchrun or a Slurm job of several tasks
+    started leaves signals to its launcher (train.under_a_launcher, also what launches_processes reads)."""
+    import train as train_script
+
+    for name in ("RANK", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert not train_script.under_a_launcher()
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert not train_script.under_a_launcher()
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert train_script.under_a_launcher()
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv("RANK", "0")
+    assert train_script.under_a_launcher()

@@ -51,6 +51,11 @@ def test_processes_option_relaunches_under_torchrun_in_one_run_dir(tmp_path):
     result = json.loads((run_dir / "result.json").read_text())
     assert result["world_size"] == 2 and result["step"] == 4 and 0 <= result["top1"] <= 100
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+    # resumed (finished: it evaluates again): the launcher writes the resume's config once, its ranks none
+    res = run_train([*TINY_MODEL, *TINY_MNIST, *fast, "hardware.processes=2", f"run_dir={run_dir}",
+                     "trainer.resume=auto"], cwd=tmp_path, timeout=400, env_extra={"OMP_NUM_THREADS": None})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [p.parent.name.startswith("resume-") for p in (run_dir / ".hydra").glob("*/config.yaml")] == [True]
 
 
 def test_processes_must_be_positive(tmp_path):
