@@ -45,9 +45,13 @@ def save_atomic(obj, path: Path, save=torch.save) -> None:
     flushed too): a kill, crash or power loss leaves the old file or the new one, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    save(obj, tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    try:
+        save(obj, tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a kill signal turned exception: no partial file of a model's size left behind
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync(path.parent)
 
 
