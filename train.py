@@ -515,8 +515,9 @@ def train_one_epoch(run: Run) -> bool:
             loss_sum, n_steps, n_images, n_skipped, n_bad = dist.all_reduce_sum(window, info).tolist()
             run.train_skipped = max(run.train_skipped, int(n_skipped))  # over all ranks
             # fp16: a forward that overflows on one batch is a step the GradScaler skips (inf gradients),
-            # so the run goes on unless every step overflows (10 in a row on each rank); without a scaler
-            # the weights take the NaN at once
+            # so the run goes on unless every step overflows: log windows with no finite step on any rank,
+            # 10 rank-steps per rank in a row at least (counted at log steps: no host sync per step);
+            # without a scaler the weights take the NaN at once
             bad_streak = 0 if n_steps else bad_streak + n_bad
             if n_bad and (not state.scaler.is_enabled() or bad_streak >= 10 * info.world_size):
                 raise FloatingPointError(f"training loss is not finite at step {state.step} ({int(n_bad)} of the "
@@ -578,12 +579,14 @@ def evaluate_and_log(run: Run) -> dict:
         log.info("step %d epoch %d: val top-1 %.2f top-5 %.2f on %d images (%.0f img/s forward, %.0f with loading)%s%s",
                  state.step, state.epoch, res["top1"], res["top5"], res["n"], res["img_s"], res["img_s_wall"], ema_txt,
                  f"; {res['skipped']} undecodable files skipped" if res["skipped"] else "")
-    return {"top1": res["top1"], "top1_ema": res_ema and res_ema["top1"]}
+    return {"top1": res["top1"], "top5": res["top5"], "top1_ema": res_ema and res_ema["top1"],
+            "top5_ema": res_ema and res_ema["top5"]}
 
 
 def finish(run: Run) -> float:
     """The final evaluation (if the loop did not end with one), DDP replica check, W&B summary and
-    result.json (rank 0: the final numbers and the wall time since setup started)."""
+    result.json (rank 0: the final top-1/top-5, raw and EMA, the step, and the wall time since this
+    process's setup started: without Python's start-up and, under the launcher, torchrun's)."""
     state, info, logger = run.state, run.info, run.logger
     result = run.result or evaluate_and_log(run)  # eval-only, or resumed a finished run
     if run.train_skipped and info.is_main:

@@ -497,7 +497,7 @@ class SparseFormer(nn.Module):
         )
         self.head = ClassifierHead(cortex_dim, num_classes)
         # linspace(0, rate, repeats + depth): the focusing repeats take the first ones, each cortex block one.
-        self.drop_path_rates = torch.linspace(0, drop_path_rate, focusing_repeats + cortex_depth).tolist()
+        self.drop_path_rates = torch.linspace(0, drop_path_rate, focusing_repeats + cortex_depth, device="cpu").tolist()
         self.init_weights()
 
     @torch.no_grad()

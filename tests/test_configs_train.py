@@ -236,6 +236,10 @@ def test_slurm_launcher_config_composes():
     ("model.pretrained=/nonexistent/weights.pth", "pretrained"),
     ("model=sparseformer_nano model.pretrained=true", "sparseformer_nano: no released weights"),
     ("+model.pretrained_ema=true", "pretrained_ema=true takes the EMA weights of `pretrained`"),
+    # values the model's constructor refuses: built on the meta device at start, before any rank
+    ("+model.num_tokens=0", "model: SparseFormer: num_tokens must be a positive integer, got 0"),
+    ("model=videosparseformer_nano data=moving_digits +model.replicates=0", "replicates must be a positive integer"),
+    ("model=deit_tiny +model.num_heads=5", "model: DeiT: embed_dim=192 must be divisible by num_heads=5"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

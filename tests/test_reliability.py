@@ -190,6 +190,22 @@ def test_an_error_inside_a_rank_is_one_line_and_in_train_log(tmp_path):
     assert not (run_dir / lifecycle.FAILED).exists()
 
 
+def test_a_rank_failure_line_gives_the_reason_under_hydras_instantiation_error(tmp_path):
+    """hydra.utils.instantiate wraps a constructor's error in InstantiationException, whose first line
+    ("Error in call to target ...:") says nothing; the line names the cause."""
+    from hydra.errors import InstantiationException
+
+    reason = "SparseFormer: num_tokens must be a positive integer, got 0"
+    try:
+        try:
+            raise ValueError(reason)
+        except ValueError as e:
+            raise InstantiationException("Error in call to target 'model.factory.create_model':\nValueError()") from e
+    except InstantiationException as wrapped:
+        lifecycle.record_rank_failure(tmp_path, wrapped, rank=1)
+    assert lifecycle.take_rank_failure(tmp_path) == f"rank 1: ValueError: {reason}"
+
+
 def test_the_ranks_are_outside_the_terminals_process_group(tmp_path):
     """Ctrl-C signals the terminal's foreground process group: only the launcher may be in it (it stops
     torchrun with one SIGTERM), not torchrun or the ranks, which would each print a traceback."""

@@ -185,16 +185,22 @@ def validate(cfg: DictConfig) -> None:
 
 def validate_model(cfg: DictConfig) -> None:
     """model._target_ names a callable; through model.create_model, the name, every override and
-    `pretrained` are checked without building anything."""
+    `pretrained` are checked, then the model is built on the meta device (no memory, no weights read),
+    so a value its constructor refuses (`+model.num_tokens=0`) stops here, before any rank starts."""
     target = cfg.get("_target_")
     if not isinstance(target, str):
         raise ConfigError(f"model._target_={target!r}: must name the model factory (model.create_model)")
     if target != "model.create_model":
         return
+    import torch
+
     from model.factory import check_model_args
 
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "_target_"}
     try:
         check_model_args(**kwargs)
+        cls, model_kwargs = check_model_args(**{**kwargs, "pretrained": False, "pretrained_ema": False})
+        with torch.device("meta"):
+            cls(**model_kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {e}") from None

@@ -124,6 +124,10 @@ def record_rank_failure(run_dir: str | Path, error: BaseException, rank: int) ->
         if isinstance(handler, logging.FileHandler):
             handler.stream.write(f"rank {rank} failed:\n{text}")
             handler.flush()
+    from hydra.errors import InstantiationException
+
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__  # its first line is "Error in call to target '...':", the reason follows
     first = (str(error).strip().splitlines() or [""])[0]
     line = f"rank {rank}: {type(error).__name__}: {first}" if first else f"rank {rank}: {type(error).__name__}"
     try:
