@@ -18,7 +18,7 @@ Adding a dataset is one module and one YAML, nothing else (no registry, no `if` 
    the number of loader workers does not matter. An item is `(uint8 tensor, int label)`, images
    (C, H, W), clips (C, T, H, W); an undecodable file returns None (log a warning naming it): the
    loaders drop it and count it. Normalisation and batch augmentation run on the device
-   (`batch_transforms`, from the shared keys; a clip dataset overrides it).
+   (`batch_transforms`, from the shared keys; a clip dataset overrides `transform_class()`).
 2. `conf/data/<name>.yaml` names the builder, `_target_: data.<name>.<Builder>`, and holds the shared
    keys (`name`, `batch_size` per process, `eval_batch_size`, `num_workers`, `mean`, `std`, `augment`)
    and the builder's own keys. A key the builder does not have is an error at start.
