@@ -20,7 +20,8 @@ SlowFast resamples to 30 fps first): Kinetics is mostly 25-30 fps.
 - Evaluation: `test_clips` clips whose starts are the centres of equal segments of the video (one clip
   = the centre clip), each resized so that its short side is image_size, then `test_crops` square
   crops along the long side (3: start, centre, end, i.e. left/centre/right or top/centre/bottom;
-  1: centre). Item: (uint8 views (V, 3, T, S, S), label), V = test_clips * test_crops, clip-major:
+  1: centre). Item: (uint8 views (V, 3, T, S, S), label), V = test_clips * test_crops > 1, clip-major
+  (V = 1: the clip (3, T, S, S), as in training):
   view v is clip v // test_crops, crop v % test_crops. Batched, (B, V, 3, T, S, S): the evaluator runs
   `fold_views` and averages the views' softmax probabilities with `average_view_probs`.
 
@@ -239,7 +240,7 @@ def short_side_crops(frames: torch.Tensor, size: int, num_crops: int) -> torch.T
 
 class KineticsClips(Dataset):
     """Item key (index, seed) -> training (uint8 clip (3, T, S, S), label); evaluation
-    (uint8 views (V, 3, T, S, S), label), V = test_clips * test_crops clip-major; or None when the
+    (uint8 views (V, 3, T, S, S), label), V = test_clips * test_crops clip-major (one view: (3, T, S, S)); or None when the
     video cannot be read (logged once with its path)."""
 
     in_chans = 3
@@ -316,7 +317,8 @@ class KineticsClips(Dataset):
                 clip = clip.flip(-1)
             return clip.transpose(0, 1).contiguous(), label  # (3, T, S, S)
         views = torch.cat([short_side_crops(c, s, self.test_crops) for c in clips])  # (V, T, 3, S, S)
-        return views.transpose(1, 2).contiguous(), label  # (V, 3, T, S, S)
+        views = views.transpose(1, 2).contiguous()  # (V, 3, T, S, S)
+        return (views[0] if len(views) == 1 else views), label  # one view: a clip, as InputSpec(views=1) says
 
 
 @dataclass

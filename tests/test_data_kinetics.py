@@ -145,6 +145,9 @@ def test_the_builder_reports_what_the_model_needs(root):
     s = splits.spec
     assert (s.num_classes, s.in_chans, s.image_size, s.frames, s.views) == (2, 3, 16, 4, 2)
     assert splits.train.train and not splits.val.train and splits.val[(0, 0)][0].shape == (2, 3, 4, 16, 16)
+    # one view per video: items are clips, as views=1 tells the evaluator (it folds no view axis)
+    one = KineticsBuilder(str(root), num_frames=4, frame_stride=2, image_size=16, test_clips=1, test_crops=1).build()
+    assert one.spec.views == 1 and one.val[(0, 0)][0].shape == (3, 4, 16, 16)
 
 
 def test_bad_roots_lists_and_arguments_are_one_line_errors(root, tmp_path):
@@ -224,7 +227,7 @@ def test_a_container_without_a_frame_count_is_counted_not_decoded_whole(tmp_path
     assert stated_frames(str(mkv)) == FRAMES
     clip, _ = KineticsClips(tmp_path, "val", train=False, num_frames=4, frame_stride=2, image_size=16, test_clips=1,
                             test_crops=1, list_file=write_list(tmp_path, "v.mkv 0"))[(0, 0)]
-    assert frame_indices(clip[0]) == [6, 8, 10, 12]  # the centre clip of 20 frames
+    assert frame_indices(clip) == [6, 8, 10, 12]  # the centre clip of 20 frames (one view: a (3, T, S, S) clip)
 
 
 def write_list(folder, *lines, name="list.csv"):
@@ -321,7 +324,7 @@ def test_large_frames_are_scaled_down_as_they_are_decoded(tmp_path):
     assert decode_frames(str(write_video(tmp_path / "small.mp4")), choose, 32).shape == (2, H, W, 3)  # 24 < 32
     clips = KineticsClips(tmp_path, "val", train=False, image_size=32, test_clips=1, test_crops=1,
                           list_file=write_list(tmp_path, f"{big} 0", f"{big} 1"), decode_short_side=32)
-    assert clips[0][0].shape == (1, 3, 16, 32, 32)
+    assert clips[0][0].shape == (3, 16, 32, 32)
     with pytest.raises(ValueError, match="decode_short_side=16 must be null .* >= image_size=32"):
         KineticsClips(tmp_path, "val", train=False, image_size=32, list_file=tmp_path / "list.csv",
                       decode_short_side=16)
