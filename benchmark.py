@@ -55,7 +55,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from model import count_flops, create_model, list_models
-from model.factory import accepted_arguments, model_class, model_defaults
+from model.factory import accepted_arguments, model_class, model_defaults, takes_clips
 from model.memory import saved_tensor_bytes
 from model.sparseformer import VARIANTS as SPARSEFORMER_VARIANTS
 from model.sparseformer import SparseFormer
@@ -147,8 +147,6 @@ def is_video_sparseformer(name: str) -> bool:
     return name.startswith("videosparseformer")
 
 
-def takes_clips(name: str) -> bool:
-    return getattr(model_class(name), "takes_clips", False)
 
 
 def uses_backend(name: str) -> bool:

@@ -254,13 +254,18 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
         raise SystemExit(f"{len(data.train_set)} training images ({data.train_sampler.num_samples} per process) "
                          f"< batch size {cfg.data.batch_size}: lower data.batch_size")
     read_once = use_checkpoint_model(cfg, run_dir, info, data.spec.model_kwargs())  # eval-only: read once
-    with open_dict(cfg):  # the dataset decides these; the logged config must say what was built
+    for key, value in data.spec.model_kwargs().items():  # the dataset decides these: a different value is a mistake
+        if cfg.model.get(key) is not None and cfg.model[key] != value:
+            raise ConfigError(f"model.{key}={cfg.model[key]} but data={cfg.data.name} has {key}={value}: the dataset "
+                              f"sets it; drop the override")
+    with open_dict(cfg):  # the logged config must say what was built
         cfg.model.update(data.spec.model_kwargs())
     if info.is_main:
         log.info("run dir %s, world size %d, device %s\n%s", run_dir, info.world_size, info.device,
                  OmegaConf.to_yaml(cfg))
     model = build_model(cfg, info)
-    flops = count_flops(model, data.spec.image_size, in_chans=data.spec.in_chans)  # before any RNG is set or restored
+    flops = count_flops(model, data.spec.image_size, in_chans=data.spec.in_chans,  # before any RNG is set or restored
+                        num_frames=data.spec.frames)  # (None for images)
     state = build_state(cfg, model, data, info, precision)
     resume(state, cfg, run_dir, info, read_once)
     # DDP: gradients are averaged over ranks in backward; everything else is per-rank code

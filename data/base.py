@@ -8,6 +8,7 @@ import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -97,7 +98,10 @@ def is_num(x) -> bool:
 class DatasetBuilder:
     """Base of a dataset plug-in. A subclass is a dataclass whose fields (with defaults) are its own
     keys of `conf/data/<name>.yaml`; `check` validates them without touching the data, `build`
-    makes the splits."""
+    makes the splits. `yields_clips`: its items are clips (C, T, H, W), for models that take clips
+    (checked against the model at start, training.config.validate)."""
+
+    yields_clips: ClassVar[bool] = False
 
     def check(self) -> None:
         """Raise ValueError naming `data.<key>` for a value that cannot work. Runs at start (config

@@ -43,6 +43,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -240,8 +241,8 @@ def short_side_crops(frames: torch.Tensor, size: int, num_crops: int) -> torch.T
 
 class KineticsClips(Dataset):
     """Item key (index, seed) -> training (uint8 clip (3, T, S, S), label); evaluation
-    (uint8 views (V, 3, T, S, S), label), V = test_clips * test_crops clip-major (one view: (3, T, S, S)); or None when the
-    video cannot be read (logged once with its path)."""
+    (uint8 views (V, 3, T, S, S), label), V = test_clips * test_crops clip-major (one view: (3, T, S, S));
+    or None when the video cannot be read (logged once with its path)."""
 
     in_chans = 3
 
@@ -327,6 +328,8 @@ class KineticsBuilder(DatasetBuilder):
     {train,val}/<class>/*.mp4 folders. Training: one random clip of num_frames x frame_stride, a
     random-resized crop and flip shared by its frames. Evaluation: test_clips x test_crops views per
     video, whose softmax probabilities train.py averages."""
+
+    yields_clips: ClassVar[bool] = True
 
     root: str | None = None
     train_list: str | None = None

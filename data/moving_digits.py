@@ -36,6 +36,7 @@ the same clip reversed in time and its label mapped by `reverse_class`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -142,6 +143,8 @@ class MovingDigitsBuilder(DatasetBuilder):
     """conf/data/moving_digits.yaml: training clips drawn anew every epoch (new direction, speed and
     place per digit), one fixed clip per test digit (125 per direction); `reverse_test` makes the test
     set the time-reversed clips with their mapped labels (a frame-order check)."""
+
+    yields_clips: ClassVar[bool] = True
 
     num_frames: int = 8
     canvas_size: int = 64

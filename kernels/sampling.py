@@ -523,6 +523,10 @@ def check_sampling_inputs(op: str, features: Tensor, points: Tensor) -> None:
                          f"{tuple(features.shape)}")
     if points.shape[0] != features.shape[0]:
         raise ValueError(f"{op}: batch of points ({points.shape[0]}) != batch of features ({features.shape[0]})")
+    if 0 in features.shape[1:-1]:  # (grid_sample refuses one; the kernel would read zeros: both refuse)
+        axes = "(H, W)" if ndim == 2 else "(T, H, W)"
+        raise ValueError(f"{op}: the map has an empty {axes} axis, features of shape {tuple(features.shape)}: "
+                         "there is nothing to sample")
     check_points(op, points, features)
 
 
@@ -530,7 +534,8 @@ def check_clamp(op: str, clamp, ndim: int) -> list[float] | None:
     """point_grad_clamp as one bound per axis: None, a number (every axis) or one number per axis, all > 0."""
     if clamp is None:
         return None
-    values = [float(clamp)] * ndim if isinstance(clamp, (int, float)) else [float(v) for v in clamp]
+    one = isinstance(clamp, (int, float)) or (isinstance(clamp, Tensor) and clamp.dim() == 0)
+    values = [float(clamp)] * ndim if one else [float(v) for v in clamp]
     if len(values) != ndim or not all(v > 0 for v in values):
         raise ValueError(f"{op}: point_grad_clamp must be positive, one number or {ndim} (one per axis), got {clamp!r}")
     return values

@@ -48,6 +48,11 @@ def model_class(name: str) -> type:
     return check_model_args(name)[0]
 
 
+def takes_clips(name: str) -> bool:
+    """Whether a registered model takes clips (B, C, T, H, W) rather than images."""
+    return getattr(model_class(name), "takes_clips", False)
+
+
 def model_defaults(name: str) -> dict:
     """A registered name's default keyword arguments (a copy)."""
     return dict(check_model_args(name)[1])

@@ -7,8 +7,9 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from model.factory import takes_clips
 from train_helpers import CONF, TINY_MNIST, TINY_MODEL, compose_cfg, make_fake_imagenet, run_train
-from training.config import ConfigError, register_resolvers, resolve_hardware, validate
+from training.config import ConfigError, dataset_kinds, register_resolvers, resolve_hardware, validate
 
 register_resolvers()
 
@@ -62,10 +63,14 @@ def test_cpu_demo_recipes_start_on_a_one_gpu_machine(data, monkeypatch):
 
 
 @pytest.mark.parametrize("model_name", MODELS)
-@pytest.mark.parametrize("data", ["cluttered_mnist", "imagenet"])
+@pytest.mark.parametrize("data", ["cluttered_mnist", "imagenet", "moving_digits"])
 def test_every_model_with_every_dataset(model_name, data, imagenet_root):
     cfg = compose_cfg([f"model={model_name}", f"data={data}", f"data.root={imagenet_root}"] if data == "imagenet"
                       else [f"model={model_name}", f"data={data}"])
+    if takes_clips(model_name) != (data == "moving_digits"):  # a clip model on images, or the reverse
+        with pytest.raises(ConfigError, match=f"model={model_name} takes .* but data={data} yields"):
+            validate(cfg)
+        return
     validate(cfg)
     # where a (data, model) specialisation changes the model's keys, the result must run on the canvases
     # (T/S/B are built by the experiment tests)
@@ -315,3 +320,15 @@ def test_a_resume_keeps_the_runs_first_hydra_config(tmp_path, monkeypatch):
     assert output_subdir_resolver(None, None) == ".hydra"
     monkeypatch.setenv("RANK", "1")
     assert output_subdir_resolver("auto", None) is None
+
+
+def test_each_dataset_says_whether_it_yields_clips():
+    """`yields_clips` (checked against the model at start) agrees with the transform the builder uses."""
+    from data.base import builder_from_config
+    from data.video_augment import VideoBatchTransform
+
+    kinds = dataset_kinds()
+    assert kinds == {"cluttered_mnist": False, "imagenet": False, "kinetics": True, "moving_digits": True}
+    for name in ("cluttered_mnist", "moving_digits"):
+        builder = builder_from_config(compose_cfg([f"data={name}"]).data)
+        assert builder.yields_clips == kinds[name] == (builder.transform_class() is VideoBatchTransform)

@@ -339,12 +339,21 @@ def test_backend_dispatch(monkeypatch):
         (torch.randn(1, 4, 4, 8), torch.rand(1, 1, 4, 2), {"point_grad_clamp": -1.0}, "positive"),
         (torch.randn(1, 4, 4, 8), torch.rand(1, 1, 4, 2), {"point_grad_clamp": [1.0, 2.0, 3.0]}, "one per axis"),
         (torch.randn(1, 4, 4, 8), torch.rand(1, 1, 4, 2), {"backend": "cuda"}, "backend must be"),
+        (torch.randn(1, 0, 4, 8), torch.rand(1, 1, 4, 2), {}, r"empty \(H, W\) axis"),
+        (torch.randn(1, 0, 4, 4, 8), torch.rand(1, 1, 4, 3), {}, r"empty \(T, H, W\) axis"),
     ],
 )
-def test_value_errors(features, points, kwargs, match):
-    kwargs = {"backend": "triton", **kwargs}
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_value_errors(features, points, kwargs, match, backend):
+    kwargs = {"backend": backend, **kwargs}
     with pytest.raises(ValueError, match=match):
         sparse_sample(features, points, **kwargs)
+
+
+def test_a_zero_dim_tensor_clamp_is_one_bound_for_every_axis():
+    features, points = torch.randn(1, 4, 4, 2, requires_grad=True), torch.rand(1, 1, 3, 2, requires_grad=True)
+    sparse_sample(features, points, point_grad_clamp=torch.tensor(1e-3), backend="torch").sum().backward()
+    assert points.grad.abs().max() <= 1e-3
 
 
 def test_no_warnings_from_nan_handling(device):

@@ -66,6 +66,18 @@ def kinetics_root(tmp_path):
     return tmp_path
 
 
+@pytest.mark.parametrize("override, says", [("+model.num_classes=5", "model.num_classes=5 but data=moving_digits has "
+                                            "num_classes=8"), ("+model.in_chans=3", "model.in_chans=3 but")])
+def test_a_class_or_channel_count_the_data_contradicts_is_refused(tmp_path, override, says):
+    """The dataset sets num_classes and in_chans; another value was replaced silently (and logged as given)."""
+    from training.config import ConfigError
+
+    cfg = compose_cfg(["data=moving_digits", "model=videosparseformer_nano", *TINY_MODEL, override, *FAST, *TINY_CLIPS,
+                       f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=says):
+        train_script.train(cfg, tmp_path)
+
+
 def test_kinetics_folder_trains_and_evaluates_over_views(kinetics_root, tmp_path, caplog):
     run_dir = tmp_path / "run"
     cfg = compose_cfg(["data=kinetics", f"data.root={kinetics_root}", "model=videosparseformer_nano", *TINY_MODEL,

@@ -136,7 +136,7 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "data.augment.label_smoothing", lambda v: _num(v) and 0 <= v < 1, "must lie in [0, 1)")
     _check(cfg, "data.augment.random_erasing", lambda v: _num(v) and 0 <= v <= 1, "is a probability, in [0, 1]")
     try:  # the dataset's own keys: its builder checks them (data/base.py)
-        builder_from_config(cfg.data)
+        builder = builder_from_config(cfg.data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -181,6 +181,39 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "logger.log_every_steps", lambda v: _int(v) and v > 0, "must be a positive integer")
     _check(cfg, "logger.num_roi_images", lambda v: _int(v) and v >= 0, "must be an integer >= 0")
     validate_model(cfg.model)
+    check_input_kind(cfg, builder)
+
+
+def check_input_kind(cfg: DictConfig, builder) -> None:
+    """A model that takes clips needs a dataset of clips, an image model one of images (else the first
+    batch fails with a shape error, after the data and model are built)."""
+    if cfg.model.get("_target_") != "model.create_model":
+        return
+    from model.factory import list_models, takes_clips
+
+    name = cfg.model.name
+    takes = takes_clips(name)
+    if takes == builder.yields_clips:
+        return
+    kinds = {True: "clips", False: "images"}
+    models = [m for m in list_models() if takes_clips(m) == builder.yields_clips]
+    datasets = [f"data={n}" for n, clips in dataset_kinds().items() if clips == takes]
+    raise ConfigError(f"model={name} takes {kinds[takes]} but data={cfg.data.get('name')} yields "
+                      f"{kinds[builder.yields_clips]}: pick a model for {kinds[builder.yields_clips]} "
+                      f"({', '.join(models)}) or a dataset of {kinds[takes]} ({', '.join(datasets) or 'none'})")
+
+
+def dataset_kinds() -> dict[str, bool]:
+    """conf/data/<name>.yaml -> whether its builder yields clips."""
+    import importlib
+
+    kinds = {}
+    for path in sorted((Path(__file__).resolve().parents[1] / "conf" / "data").glob("*.yaml")):
+        target = OmegaConf.load(path).get("_target_")
+        if isinstance(target, str) and "." in target:
+            module, _, cls = target.rpartition(".")
+            kinds[path.stem] = getattr(getattr(importlib.import_module(module), cls, None), "yields_clips", False)
+    return kinds
 
 
 def validate_model(cfg: DictConfig) -> None:
