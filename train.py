@@ -13,6 +13,7 @@ setup -> train_one_epoch -> evaluate -> finish, then the process launcher and `m
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -319,6 +320,12 @@ def lr_schedule(cfg: DictConfig, steps_per_epoch: int, world_size: int) -> dict:
     """training.optim.lr_at's parameters: the lr scales with the global batch unless optim.lr is set."""
     global_batch = cfg.data.batch_size * world_size
     base_lr = cfg.optim.lr or cfg.optim.base_lr * global_batch / cfg.optim.base_batch_size
+    if base_lr < cfg.schedule.min_lr:  # the cosine would rise from base_lr to min_lr
+        how = f"optim.lr={cfg.optim.lr}" if cfg.optim.lr else (
+            f"optim.base_lr={cfg.optim.base_lr} x global batch {global_batch} / optim.base_batch_size="
+            f"{cfg.optim.base_batch_size}")
+        log.warning("the peak lr %.3g (%s) is below schedule.min_lr=%g, so the cosine rises instead of decaying: "
+                    "lower schedule.min_lr (e.g. 0), or set optim.lr", base_lr, how, cfg.schedule.min_lr)
     return dict(base_lr=base_lr, total_steps=cfg.trainer.epochs * steps_per_epoch, warmup_lr=cfg.schedule.warmup_lr,
                 warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch), min_lr=cfg.schedule.min_lr)
 
@@ -610,6 +617,11 @@ def finish(run: Run) -> float:
                "world_size": info.world_size}
         ckpt.save_atomic(out, run.run_dir / "result.json", save=lambda o, p: p.write_text(json.dumps(o, indent=1)))
     logger.finish()
+    # the DDP wrapper (its reducer holds the process group) goes before the group does: freed after
+    # destroy_process_group, at some later garbage collection, gloo's destructor could wait for a peer
+    # that had exited (a rank hung at exit)
+    run.ddp_model = None
+    gc.collect()
     dist.teardown(info)
     return result["top1"]
 

@@ -71,6 +71,21 @@ def test_optimizer_is_fused_adamw_with_no_decay_groups():
     assert m.token_roi in no_decay["params"] and all(p.ndim > 1 for p in decay["params"])
 
 
+def test_a_peak_lr_below_min_lr_is_a_warning(caplog):
+    """The default recipe scales lr 5e-4 per 512 clips: a batch of 4 gives 3.9e-6 < min_lr 1e-5, and the
+    cosine climbs for the whole run (a debugging run may not care; a real one should know)."""
+    cfg = compose_cfg(["data=kinetics", "data.batch_size=4"])
+    with caplog.at_level("WARNING"):
+        assert train_script.lr_schedule(cfg, steps_per_epoch=10, world_size=1)["base_lr"] == pytest.approx(3.90625e-6)
+    assert "peak lr 3.91e-06 (optim.base_lr=0.0005 x global batch 4 / optim.base_batch_size=512) is below " \
+           "schedule.min_lr=1e-05" in caplog.text
+    caplog.clear()
+    cfg.schedule.min_lr = 0.0
+    with caplog.at_level("WARNING"):
+        train_script.lr_schedule(cfg, steps_per_epoch=10, world_size=1)
+    assert "peak lr" not in caplog.text
+
+
 def test_wandb_offline_run_reads_back(mnist_run):
     run_dir, cfg, top1 = mnist_run
     files = find_run_files(run_dir)
