@@ -90,6 +90,9 @@ def build_data(cfg, world_size: int = 1, rank: int = 0, seed: int = 0, device: t
                               generator=torch.Generator(), **loader_kw)
     val_loader = DataLoader(splits.val, cfg.eval_batch_size, sampler=val_sampler, generator=torch.Generator(),
                             **loader_kw)
+    if len(cfg.mean) != splits.spec.in_chans:  # (a mismatch failed at the first batch, inside the transform)
+        raise ValueError(f"data.mean/std have {len(cfg.mean)} values but data={cfg.get('name')} has "
+                         f"{splits.spec.in_chans} input channel(s): give one per channel")
     train_tf, eval_tf = builder.batch_transforms(cfg, splits.spec)
     return Data(splits.train, splits.val, train_loader, val_loader, train_sampler, train_tf.to(device),
                 eval_tf.to(device), splits.spec, steps_per_epoch(train_sampler, cfg.batch_size))

@@ -209,6 +209,9 @@ def test_a_new_dataset_is_one_module_and_one_yaml(tmp_path, monkeypatch):
     cfg.data.size = 9
     with pytest.raises(ConfigError, match=r"data\.size=9: must be 8"):
         validate(cfg)
+    cfg.data.size, cfg.data.mean, cfg.data.std = 8, [0.5], [0.5]  # one value for a 2-channel dataset
+    with pytest.raises(ValueError, match=r"data.mean/std have 1 values but data=toy has 2 input channel"):
+        build_data(cfg.data)
 
 
 def test_slurm_launcher_config_composes():
@@ -241,6 +244,11 @@ def test_slurm_launcher_config_composes():
     ("model.pretrained=/nonexistent/weights.pth", "pretrained"),
     ("model=sparseformer_nano model.pretrained=true", "sparseformer_nano: no released weights"),
     ("+model.pretrained_ema=true", "pretrained_ema=true takes the EMA weights of `pretrained`"),
+    ("data.std=[0.0]", "data.std"),
+    ("data.mean=[0.5,0.5]", "data.mean has 2 values and data.std 1"),
+    ("data=imagenet data.augment.mixup.prob=2.0", "data.augment.mixup.prob"),
+    ("data=imagenet data.augment.mixup.cutmix_alpha=-1", "data.augment.mixup.cutmix_alpha"),
+    ("data=imagenet +data.augment.mixup.alpha=1", "data.augment.mixup.alpha: not a key"),
     # values the model's constructor refuses: built on the meta device at start, before any rank
     ("+model.num_tokens=0", "model: SparseFormer: num_tokens must be a positive integer, got 0"),
     ("model=videosparseformer_nano data=moving_digits +model.replicates=0", "replicates must be a positive integer"),

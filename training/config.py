@@ -1,11 +1,12 @@
 """Config checks that fail at start with the key and the reason, and the run-directory resolver."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from data.base import builder_from_config
 
@@ -135,6 +136,23 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "data.augment.repeats", lambda v: _int(v) and v >= 1, "repeated augmentation count must be >= 1")
     _check(cfg, "data.augment.label_smoothing", lambda v: _num(v) and 0 <= v < 1, "must lie in [0, 1)")
     _check(cfg, "data.augment.random_erasing", lambda v: _num(v) and 0 <= v <= 1, "is a probability, in [0, 1]")
+    numbers = lambda v, low: (isinstance(v, (list, tuple, ListConfig)) and len(v) > 0  # noqa: E731
+                              and all(_num(x) and math.isfinite(x) and x > low for x in v))
+    _check(cfg, "data.mean", lambda v: numbers(v, -math.inf), "must be a list of numbers, one per input channel")
+    _check(cfg, "data.std", lambda v: numbers(v, 0), "must be a list of positive numbers, one per input channel")
+    if len(cfg.data.mean) != len(cfg.data.std):
+        raise ConfigError(f"data.mean has {len(cfg.data.mean)} values and data.std {len(cfg.data.std)}: give one "
+                          "of each per input channel")
+    mixup = _get(cfg, "data.augment").get("mixup")
+    if mixup:
+        unknown = sorted(set(mixup) - {"mixup_alpha", "cutmix_alpha", "switch_prob", "prob"})
+        if unknown:
+            raise ConfigError(f"data.augment.mixup.{unknown[0]}: not a key (mixup_alpha, cutmix_alpha, switch_prob, "
+                              "prob)")
+        for key in mixup:
+            alpha = key.endswith("_alpha")
+            _check(cfg, f"data.augment.mixup.{key}", lambda v: _num(v) and v >= 0 and (alpha or v <= 1),  # noqa: B023
+                   "must be >= 0 (0: off)" if alpha else "is a probability, in [0, 1]")
     try:  # the dataset's own keys: its builder checks them (data/base.py)
         builder = builder_from_config(cfg.data)
     except ValueError as e:
