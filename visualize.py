@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from data import builder_from_config
 from data.samplers import EvalSampler
 from model import load_official_checkpoint
+from model.flops import is_video_model
 from model.hub import is_train_checkpoint, read_checkpoint
 from training.config import ConfigError, register_resolvers
 from training.visualize import draw_sampling, draw_tubes, plt
@@ -50,28 +51,44 @@ def check(cfg: DictConfig, overrides: list[str]) -> None:
     n = cfg.num_images
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"num_images={n!r}: must be a positive integer")
+    if cfg.out and not Path(cfg.out).expanduser().parent.is_dir():
+        raise ConfigError(f"out={cfg.out!r}: the folder {Path(cfg.out).expanduser().parent} does not exist")
 
 
-def load_model(cfg: DictConfig):
+def load_model(cfg: DictConfig, overrides: list[str] = ()):
     """(model in eval mode, the data config to draw from): a train.py checkpoint's model built
-    from its stored config (EMA weights with use_ema), with the data it trained on; else the authors'
-    weights (model.load_official_checkpoint reads both)."""
+    from its stored config (EMA weights with use_ema), with the data it trained on, where the command
+    line's `data.<key>=` overrides still apply (`data=<its dataset> data.root=...` on another machine)
+    and `data=<another dataset>` picks that one; else the authors' weights with the command's data
+    (model.load_official_checkpoint reads both)."""
     path = Path(cfg.checkpoint)
     if not path.is_file():
         raise ConfigError(f"checkpoint={str(path)!r}: no such file")
     obj = read_checkpoint(path)
     model = load_official_checkpoint(obj, use_ema=cfg.use_ema).eval()  # ours from its stored config, or the authors'
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
     if not is_train_checkpoint(obj):
         return model, cfg.data
-    return model, OmegaConf.create(obj["config"]).data
+    data = OmegaConf.create(obj["config"]).data
+    if "data" in keys and cfg.data.get("name") != data.get("name"):  # another dataset: the command's
+        return model, cfg.data
+    for key in keys:  # (data=<the run's own dataset> makes its keys overridable: data.root=...)
+        if key.startswith("data."):
+            OmegaConf.update(data, key[len("data."):], OmegaConf.select(cfg, key), force_add=True)
+    return model, data
 
 
-def visualize(cfg: DictConfig) -> list[Path]:
-    """The PNGs written: one for images (a row per image), one per clip for a video model."""
-    model, data_cfg = load_model(cfg)
+def visualize(cfg: DictConfig, overrides: list[str] = ()) -> list[Path]:
+    """The PNGs written: one for images (a row per image), one per clip for a video model. `overrides`:
+    the command line's (its data keys apply to a train.py checkpoint's stored data config)."""
+    model, data_cfg = load_model(cfg, overrides)
     if not hasattr(model, "sampling_grad_scale"):
         raise ConfigError(f"checkpoint={cfg.checkpoint!r}: {type(model).__name__} has no RoIs to draw")
     builder = builder_from_config(data_cfg)
+    if is_video_model(model) != builder.yields_clips:
+        kind = {True: "clips", False: "images"}
+        raise ConfigError(f"data={data_cfg.get('name')} yields {kind[builder.yields_clips]} but the checkpoint's "
+                          f"{type(model).__name__} takes {kind[is_video_model(model)]}")
     splits = builder.build()
     val_set = splits.val
     keys = list(EvalSampler(len(val_set)))  # the test set train.py scores
@@ -108,8 +125,9 @@ def visualize(cfg: DictConfig) -> list[Path]:
 @hydra.main(config_path="conf", config_name="visualize", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        check(cfg, list(HydraConfig.get().overrides.task))
-        visualize(cfg)
+        overrides = list(HydraConfig.get().overrides.task)
+        check(cfg, overrides)
+        visualize(cfg, overrides)
     except (ConfigError, ValueError) as e:  # one line that says what is wrong, no traceback
         raise SystemExit(f"config error: {e}") from None
 

@@ -36,6 +36,16 @@ def test_moving_digits_trains_and_evaluates(tmp_path):
     assert [p.name for p in paths] == ["tubes_clip0.png", "tubes_clip1.png"]
     img = np.asarray(Image.open(paths[0]))
     assert img.shape[1] > img.shape[0] and img.std() > 10  # 4 frames wide
+    # the command line's data keys apply over the checkpoint's data config; another kind of dataset is refused
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        overrides = [f"checkpoint={tmp_path / 'checkpoints' / 'last.pt'}", "num_images=1", "data=moving_digits",
+                     "data.num_frames=2", f"out={tmp_path / 'two.png'}"]  # (canvas_size etc.: the run's own)
+        two = visualize.visualize(compose(config_name="visualize", overrides=overrides), overrides)
+        assert np.asarray(Image.open(two[0])).shape[1] < img.shape[1]  # 2 frames wide
+        overrides = [f"checkpoint={tmp_path / 'checkpoints' / 'last.pt'}", "data=cluttered_mnist"]
+        with pytest.raises(visualize.ConfigError, match="data=cluttered_mnist yields images but the checkpoint's "
+                                                        "VideoSparseFormer takes clips"):
+            visualize.visualize(compose(config_name="visualize", overrides=overrides), overrides)
 
 
 def test_frame_blind_baseline_trains_on_the_same_task(tmp_path):

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
     (["checkpoint={ckpt}", "+model.num_tokens=9"], "+model.num_tokens=9: visualize.py reads no such key"),
     (["checkpoint={ckpt}", "num_images=0"], "num_images=0: must be a positive integer"),
     (["checkpoint={ckpt}"], "not a PyTorch checkpoint"),
+    (["checkpoint={ckpt}", "out={missing}.png"], "does not exist"),
 ])
 def test_config_errors_are_one_line_and_leave_no_folder(tmp_path, args, says):
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
