@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import tome
+from .inputs import check_dtype
 from .sparseformer import drop_path
 
 VARIANTS: dict[str, dict] = {
@@ -115,8 +116,7 @@ class DeiT(nn.Module):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"DeiT expects images (B, {', '.join(map(str, expected))}), got {shape}; "
                              "create it with img_size=<resolution> for other sizes")
-        if not x.is_floating_point():
-            raise ValueError(f"DeiT expects floating-point images, got {x.dtype}")
+        check_dtype(self, x)
 
     def embed(self, x: Tensor) -> Tensor:
         """images (B, C, H, W) -> tokens (B, 1 + T, d), the class token first."""

@@ -118,8 +118,14 @@ def create_model(name: str, pretrained=False, pretrained_ema: bool = False, **ov
     elif pretrained and isinstance(model, video.VideoSparseFormer):
         # the image variant with the same widths takes the weights, then inflates into this model
         image_kwargs = {k: v for k, v in model.init_kwargs.items() if k != "replicates"}
-        image = create_model(video.IMAGE_VARIANTS[name], pretrained=pretrained, pretrained_ema=pretrained_ema,
-                             **image_kwargs)
+        try:
+            image = create_model(video.IMAGE_VARIANTS[name], pretrained=pretrained, pretrained_ema=pretrained_ema,
+                                 **image_kwargs)
+        except ValueError as e:
+            image_name = video.IMAGE_VARIANTS[name]
+            raise ValueError(f"{str(e).rstrip()}\n({name} inflates {image_name} weights into a model built with "
+                             f"its own sizes, {model.spatial_tokens} spatial tokens x {model.replicates} replicates: "
+                             "give it the image weights' sizes, e.g. num_tokens=<their token count>)") from None
         model.load_state_dict(video.inflate(image, model.replicates).state_dict())
     elif pretrained:
         hub.load_pretrained(model, pretrained, name, _PRETRAINED.get(cls, hub.PretrainedCfg()), use_ema=pretrained_ema)

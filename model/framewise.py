@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
+from .inputs import check_clip_layout
+
 VARIANTS: dict[str, dict] = {
     "framewise_sparseformer_nano": dict(image_model="sparseformer_nano"),
 }
@@ -44,6 +46,8 @@ class FrameAveraged(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 5:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"FrameAveraged expects clips (B, C, T, H, W), got {shape}")
+        if self.in_chans is not None:
+            check_clip_layout(self, x, self.in_chans)
         B, C, T, H, W = x.shape
         logits = self.image_model(x.transpose(1, 2).reshape(B * T, C, H, W))  # (B·T, K), frame-major per clip
         return logits.view(B, T, -1).mean(1)

@@ -24,6 +24,7 @@ from kernels import FeatureMap, adaptive_mix
 from kernels.backend import BACKENDS, resolve_backend
 
 from .hub import check_state_dict, find_state_dict, is_train_checkpoint, read_checkpoint
+from .inputs import check_dtype
 
 LN_EPS = 1e-6  # every LayerNorm of the model (docs/MODEL.md, "A sampling block")
 STD_EPS = 1e-7  # inside the stem's channel standardisation and the sampling-offset standardisation
@@ -539,13 +540,7 @@ class SparseFormer(nn.Module):
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"SparseFormer expects images (B, {self.in_chans}, H, W), got {shape}")
-        if not x.is_floating_point():
-            raise ValueError(f"SparseFormer expects floating-point images, got {x.dtype}; convert with x.float()")
-        weight_dtype = next(self.parameters()).dtype
-        autocast_on = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cuda", "cpu") else False
-        if x.dtype != weight_dtype and not autocast_on:  # else PyTorch's raw "Input type (double) and bias type"
-            raise ValueError(f"SparseFormer's weights are {weight_dtype} but the images are {x.dtype}; convert with "
-                             f"x.to({weight_dtype}), the model with model.to({x.dtype}), or run under torch.autocast")
+        check_dtype(self, x, "clips" if getattr(self, "takes_clips", False) else "images")
         if x.shape[1] != self.in_chans:
             raise ValueError(
                 f"SparseFormer was built for {self.in_chans} input channels, got {x.shape[1]} "
@@ -857,6 +852,12 @@ def _load_train_checkpoint(obj: dict, use_ema: bool, overrides: dict) -> nn.Modu
 
 
 def _load_official_state(state: dict, stored_config, config, overrides: dict) -> SparseFormer:
+    if detect_layout(state) == "ours":  # a bare state dict of this repo's models holds no architecture
+        roi = state.get("token_roi")
+        kind = ("videosparseformer" if roi is not None and roi.shape[-1] == 6 else "sparseformer") + "_<t|s|b|nano>"
+        raise ValueError(f"a bare state dict of this repo's own layout (not the authors', not a train.py checkpoint): "
+                         f"it does not say which model it is; load it with model.create_model('{kind}', "
+                         "pretrained=<file>) and the overrides it was built with")
     config = stored_config if config is None else config
     if isinstance(config, str) and config not in VARIANTS:
         raise ValueError(f"unknown SparseFormer variant {config!r}; known: {sorted(VARIANTS)}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .inputs import check_clip_layout
 from .sparseformer import EarlyConvolution, SparseFormer, offset_bias_init
 
 
@@ -69,7 +70,8 @@ class VideoSparseFormer(SparseFormer):
         if not isinstance(x, Tensor) or x.dim() != 5:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"VideoSparseFormer expects clips (B, {self.in_chans}, T, H, W), got {shape}")
-        super().check_input(x[:, :, 0])  # channels, dtype and size, as for one frame
+        check_clip_layout(self, x, self.in_chans)
+        super().check_input(x[:, :, 0])  # dtype and size, as for one frame
 
 
 def tubes_from_boxes(boxes: Tensor, replicates: int) -> Tensor:

@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .deit import DeiT
+from .inputs import check_dtype
 
 VARIANTS: dict[str, dict] = {
     # DeiT-S widths with ViViT's 2×16×16 tubelets: 16 frames at 224 -> 8·14·14 = 1568 tokens
@@ -61,5 +62,4 @@ class ViViT(DeiT):
             raise ValueError(f"ViViT expects clips (B, C, T, H, W) = (B, {', '.join(map(str, expected))}), "
                              f"got {shape}; create it with num_frames=<T>, img_size=<resolution>, in_chans=<C> "
                              "for other clips")
-        if not x.is_floating_point():
-            raise ValueError(f"ViViT expects floating-point clips, got {x.dtype}")
+        check_dtype(self, x, "clips")

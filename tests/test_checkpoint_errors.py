@@ -62,3 +62,16 @@ def test_own_train_checkpoint_loads_through_load_official_checkpoint(tmp_path):
     torch.save({"model": m.state_dict(), "step": 7, "config": cfg, "ema": None}, tmp_path / "last.pt")
     loaded = model.load_official_checkpoint(tmp_path / "last.pt")
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("name, says", [("sparseformer_nano", "create_model('sparseformer_<t|s|b|nano>'"),
+                                        ("videosparseformer_nano", "create_model('videosparseformer_<t|s|b|nano>'")])
+def test_a_bare_state_dict_of_ours_says_how_to_load_it(tmp_path, name, says):
+    """`torch.save(model.state_dict())` of our own models holds no architecture: the error says which call
+    loads it (it was 'cannot infer the variant ... NoneType has no attribute shape')."""
+    path = tmp_path / "weights.pt"
+    torch.save(model.create_model(name).state_dict(), path)
+    with pytest.raises(ValueError, match="bare state dict of this repo's own layout") as err:
+        model.load_official_checkpoint(path)
+    assert str(err.value).startswith(str(path)) and says in str(err.value)
+    assert model.create_model(name, pretrained=str(path)).state_dict().keys() == torch.load(path).keys()

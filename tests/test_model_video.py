@@ -136,6 +136,15 @@ def test_pretrained_video_model_inflates_its_image_variants_weights(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_image_weights_of_other_sizes_say_which_size_to_give(tmp_path):
+    path = tmp_path / "image.pt"
+    torch.save(model.create_model("sparseformer_nano", **{**TINY, "num_tokens": 9}).state_dict(), path)
+    with pytest.raises(ValueError, match=r"token_embedding \(9, .*\n\(videosparseformer_nano inflates "
+                                         r"sparseformer_nano weights .* 4 spatial tokens x 2 replicates: give it the "
+                                         r"image weights' sizes"):
+        model.create_model("videosparseformer_nano", pretrained=str(path), **TINY, replicates=2)
+
+
 def test_a_video_models_own_weights_load_as_they_are(tmp_path):
     """pretrained=<a VideoSparseFormer checkpoint> (a Kinetics run's last.pt, to fine-tune on another
     video set) loads its tube weights directly (not through the image variant, whose 4-wide RoIs would

@@ -60,6 +60,30 @@ def test_vivit_rejects_wrong_clips(shape, match):
         m(torch.zeros(1, 1, 8, 64, 64, dtype=torch.uint8))
 
 
+def test_half_input_to_fp32_weights_is_one_error_naming_both_dtypes():
+    """(PyTorch's own: "Input type (c10::Half) and bias type (float) should be the same")"""
+    for m, x in ((ViViT(**VARIANTS["vivit_nano"]), torch.zeros(1, 1, 8, 64, 64)),
+                 (DeiT(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2), torch.zeros(1, 3, 32, 32))):
+        with pytest.raises(ValueError, match=r"weights are torch.float32 but the .* are torch.float16; convert"):
+            m(x.half())
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast the ops cast it
+            m(x.half())
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((1, 1, 0, 64, 64), "clips with no frames"),
+    ((1, 4, 1, 64, 64), r"built for 1 input channels, got clips of shape \(1, 4, 1, 64, 64\): clips are "
+                        r"\(B, C, T, H, W\); a \(B, T, C, H, W\) batch needs x.transpose\(1, 2\)"),
+])
+@pytest.mark.parametrize("name", ["videosparseformer_nano", "framewise_sparseformer_nano"])
+def test_clip_models_name_an_empty_or_transposed_clip(name, shape, match):
+    from model import create_model
+
+    m = create_model(name, in_chans=1, **({} if name.startswith("framewise") else TINY_SPARSEFORMER))
+    with pytest.raises(ValueError, match=match):
+        m(torch.zeros(shape))
+
+
 def test_vivit_refuses_frames_not_divisible_by_the_tubelet():
     with pytest.raises(ValueError, match="num_frames=7 must be a positive multiple of tubelet_size=2"):
         ViViT(num_frames=7)
