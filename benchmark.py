@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 from tqdm import tqdm
 
 from model import count_flops, create_model, list_models
@@ -90,15 +90,41 @@ def is_sparseformer(name: str) -> bool:
     return name.startswith("sparseformer")
 
 
+MIN_RESOLUTION = 8  # the smallest image any model here takes (SparseFormer's stem)
+
+
+def check_sizes(section: str, values: dict) -> None:
+    """SweepConfigError unless each value (a number or a list of them) is a positive integer, and a
+    resolution at least MIN_RESOLUTION: found before the first point is timed, not at the point."""
+    for key, value in values.items():
+        items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+        low = MIN_RESOLUTION if "resolution" in key else 1
+        bad = [v for v in items if not isinstance(v, int) or isinstance(v, bool) or v < low]
+        if bad:
+            what = f"integers >= {low} (pixels)" if low > 1 else "positive integers"
+            raise SweepConfigError(f"{section}.{key}={value!r}: must be {what}, got {bad[0]!r}")
+
+
+def check_reference(section: str, reference) -> None:
+    """A misspelled reference would drop the ratio lines silently (one that is not swept has none)."""
+    if reference is not None and reference not in list_models():
+        raise SweepConfigError(f"{section}.reference={reference!r}: unknown model; known: {list_models()} "
+                               "(null: no ratio lines)")
+
+
 def sweep_points(sweep: DictConfig) -> list[Point]:
     """Resolution sweep (every model at its default token count) + token sweep (SparseFormer models
     at sweep.token_resolution); with sweep.grid, every token count at every resolution."""
     unknown = [m for m in sweep.modes if m not in MODES] + [m for m in sweep.models if m not in list_models()]
     if unknown:
-        raise ValueError(f"unknown mode(s) / model(s) {unknown}; modes: {list(MODES)}, models: {list_models()}")
+        raise SweepConfigError(f"unknown mode(s) / model(s) {unknown}; modes: {list(MODES)}, models: {list_models()}")
     clips = [m for m in sweep.models if takes_clips(m)]
     if clips:
-        raise ValueError(f"sweep.models={clips}: video model(s), which take clips; put them in sweep.video.models")
+        raise SweepConfigError(f"sweep.models={clips}: video model(s), which take clips; put them in "
+                               "sweep.video.models")
+    check_sizes("sweep", {"resolutions": sweep.resolutions, "tokens": sweep.tokens,
+                          "token_resolution": sweep.token_resolution})
+    check_reference("sweep", sweep.reference)
     resolutions = list(dict.fromkeys([*sweep.resolutions, *([sweep.token_resolution] if sweep.tokens else [])]))
     points: list[Point] = []
     for mode in sweep.modes:
@@ -129,11 +155,14 @@ def video_points(sweep: DictConfig, mode: str) -> list[Point]:
         return []
     unknown = [m for m in video.models if m not in list_models()]
     if unknown:
-        raise ValueError(f"unknown video model(s) {unknown}; models: {list_models()}")
+        raise SweepConfigError(f"unknown video model(s) {unknown}; models: {list_models()}")
     images = [m for m in video.models if not takes_clips(m)]
     if images:
-        raise ValueError(f"sweep.video.models={images}: image model(s); put them in sweep.models (a video model "
-                         f"takes clips: {[m for m in list_models() if takes_clips(m)]})")
+        raise SweepConfigError(f"sweep.video.models={images}: image model(s); put them in sweep.models (a video "
+                               f"model takes clips: {[m for m in list_models() if takes_clips(m)]})")
+    check_sizes("sweep.video", {"frames": video.frames, "tokens": video.tokens, "resolution": video.resolution,
+                                "token_frames": video.token_frames})
+    check_reference("sweep.video", video.get("reference"))
     points = []
     for name in video.models:
         for frames in video.frames:
@@ -733,6 +762,10 @@ def run_memory(cfg: DictConfig, device: torch.device, run_dir: Path) -> list[dic
     image (autograd's saved-tensor hooks) and its training-step time, all timed round-robin in one
     run (medians); written as memory.csv / memory.json / memory.txt."""
     mem = cfg.memory
+    if mem.model not in SPARSEFORMER_VARIANTS:  # the options below are SparseFormer's (backend, recompute, ...)
+        raise SweepConfigError(f"memory.model={mem.model!r}: mode=memory measures an image SparseFormer's "
+                               f"activation-memory options; pick one of {sorted(SPARSEFORMER_VARIANTS)}")
+    check_sizes("memory", {"resolution": mem.resolution, "batch_size": mem.batch_size})
     rows, runners, times = [], {}, {}
     for name, options in MEMORY_OPTIONS.items():
         torch.manual_seed(cfg.seed)

@@ -290,9 +290,19 @@ def test_every_kind_of_registered_model_can_be_swept(tmp_path):
 @pytest.mark.parametrize("overrides, match", [
     (["sweep.models=[vivit_nano]"], r"sweep.models=\['vivit_nano'\]: video model"),
     (["sweep.video.models=[deit_tiny]"], r"sweep.video.models=\['deit_tiny'\]: image model"),
+    # sizes and references: before the first point, not a traceback at the point (and no CSV)
+    (["sweep.resolutions=[64,-8]"], r"sweep.resolutions=\[64, -8\]: must be integers >= 8 \(pixels\), got -8"),
+    (["sweep.tokens=[0]"], r"sweep.tokens=\[0\]: must be positive integers, got 0"),
+    (["sweep.video.models=[videosparseformer_nano]", "sweep.video.frames=[0]"], r"sweep.video.frames=\[0\]"),
+    (["sweep.video.models=[videosparseformer_nano]", "sweep.video.reference=vivit_nanoo"],
+     r"sweep.video.reference='vivit_nanoo': unknown model"),
+    (["sweep.reference=deit_smal"], r"sweep.reference='deit_smal': unknown model"),
+    (["mode=memory", "memory.model=vivit_nano"], r"memory.model='vivit_nano': mode=memory measures an image "
+                                                 r"SparseFormer"),
+    (["mode=memory", "memory.resolution=-64"], r"memory.resolution=-64: must be integers >= 8"),
 ])
 def test_a_model_in_the_wrong_sweep_is_refused_before_any_timing(tmp_path, overrides, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(benchmark.SweepConfigError, match=match):
         benchmark.run(config("logger.mode=disabled", *overrides), tmp_path, progress=False)
     assert not list(tmp_path.glob("*.csv"))
 
