@@ -93,6 +93,13 @@ def inflate(image_model: SparseFormer, replicates: int = 4, **overrides) -> Vide
     clip, it computes the image model's logits (tests/test_model_video.py): from T = 4R frames on
     (16 for R = 4); on shorter clips the first and last replicates' outermost points fall outside the
     first and last frame centres and read some zero padding (the logits differ)."""
+    if not isinstance(image_model, SparseFormer) or isinstance(image_model, VideoSparseFormer):
+        raise TypeError("inflate takes an image SparseFormer (model.create_model('sparseformer_<t|s|b|nano>', ...) "
+                        f"or model.load_official_checkpoint(...)), got {type(image_model).__name__}")
+    shaped = sorted(set(overrides) & SHAPE_KEYS)
+    if shaped:
+        raise ValueError(f"inflate: {shaped} would change the weights' shapes, which come from the image model; "
+                         "overrides are for settings such as backend or drop_path_rate")
     kwargs = {**image_model.init_kwargs, "num_tokens": image_model.num_tokens, **overrides}
     video = VideoSparseFormer(replicates=replicates, **kwargs)
     state = image_model.state_dict()
@@ -118,6 +125,10 @@ def inflate(image_model: SparseFormer, replicates: int = 4, **overrides) -> Vide
     video.sampling_grad_scale = image_model.sampling_grad_scale
     return video
 
+
+# Keys that set weight shapes: an inflated model takes the image model's.
+SHAPE_KEYS = {"num_tokens", "num_points", "conv_dim", "focusing_dim", "cortex_dim", "cortex_depth", "mlp_ratio",
+              "num_classes", "in_chans"}
 
 # The image variant each video variant inflates for `create_model(name, pretrained=...)`.
 IMAGE_VARIANTS = {"videosparseformer_t": "sparseformer_t", "videosparseformer_s": "sparseformer_s",

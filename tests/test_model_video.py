@@ -136,6 +136,17 @@ def test_pretrained_video_model_inflates_its_image_variants_weights(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_inflate_refuses_what_it_cannot_inflate():
+    image = model.create_model("sparseformer_nano", **TINY)
+    with pytest.raises(TypeError, match="inflate takes an image SparseFormer .* got VideoSparseFormer"):
+        inflate(inflate(image, replicates=2))
+    with pytest.raises(TypeError, match="got DeiT"):
+        inflate(model.create_model("deit_tiny"))
+    with pytest.raises(ValueError, match=r"\['num_points', 'num_tokens'\] would change the weights' shapes"):
+        inflate(image, num_tokens=9, num_points=16)
+    assert inflate(image, replicates=2, drop_path_rate=0.1).drop_path_rates[-1] == pytest.approx(0.1)
+
+
 def test_image_weights_of_other_sizes_say_which_size_to_give(tmp_path):
     path = tmp_path / "image.pt"
     torch.save(model.create_model("sparseformer_nano", **{**TINY, "num_tokens": 9}).state_dict(), path)
