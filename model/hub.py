@@ -202,7 +202,14 @@ def load_pretrained(model: nn.Module, source, name: str, cfg: PretrainedCfg, pro
     if cfg.filter_fn is not None:
         state = cfg.filter_fn(state, model)
     state = adapt_to_model(state, model, cfg)
-    check_state_dict(state, model, f"pretrained weights {path}")
+    stored = checkpoint.get("config", {}).get("model", {}).get("name") if is_train_checkpoint(checkpoint) else None
+    try:
+        check_state_dict(state, model, f"pretrained weights {path}")
+    except ValueError as e:
+        if stored and stored != name:  # a train.py checkpoint says what it is: the first thing to check
+            raise ValueError(f"pretrained weights {path} are a train.py checkpoint of {stored}, not {name}: "
+                             f"use model={stored} (or weights of {name}); in detail: {e}") from None
+        raise
     model.load_state_dict(state)
     log.info("%s: loaded pretrained %sweights from %s", name, "EMA " if use_ema else "", path)
     return model

@@ -75,3 +75,15 @@ def test_a_bare_state_dict_of_ours_says_how_to_load_it(tmp_path, name, says):
         model.load_official_checkpoint(path)
     assert str(err.value).startswith(str(path)) and says in str(err.value)
     assert model.create_model(name, pretrained=str(path)).state_dict().keys() == torch.load(path).keys()
+
+
+def test_weights_of_another_model_name_the_model_they_are(tmp_path):
+    """A train.py checkpoint stores its model's name: loading it into another model says so first
+    (before the list of keys that do not fit)."""
+    path = tmp_path / "last.pt"
+    trained = model.create_model("videosparseformer_nano", in_chans=1)
+    torch.save({"model": trained.state_dict(), "step": 1, "config": {"model": {"name": "videosparseformer_nano"}}},
+               path)
+    with pytest.raises(ValueError, match=r"^pretrained weights .* are a train.py checkpoint of videosparseformer_nano, "
+                                         r"not vivit_nano: use model=videosparseformer_nano"):
+        model.create_model("vivit_nano", pretrained=str(path))
