@@ -852,15 +852,15 @@ def _load_train_checkpoint(obj: dict, use_ema: bool, overrides: dict) -> nn.Modu
 
 
 def _load_official_state(state: dict, stored_config, config, overrides: dict) -> SparseFormer:
+    config = stored_config if config is None else config
+    if isinstance(config, str) and config not in VARIANTS:
+        raise ValueError(f"unknown SparseFormer variant {config!r}; known: {sorted(VARIANTS)}")
     if detect_layout(state) == "ours":  # a bare state dict of this repo's models holds no architecture
         roi = state.get("token_roi")
         kind = ("videosparseformer" if roi is not None and roi.shape[-1] == 6 else "sparseformer") + "_<t|s|b|nano>"
         raise ValueError(f"a bare state dict of this repo's own layout (not the authors', not a train.py checkpoint): "
                          f"it does not say which model it is; load it with model.create_model('{kind}', "
                          "pretrained=<file>) and the overrides it was built with")
-    config = stored_config if config is None else config
-    if isinstance(config, str) and config not in VARIANTS:
-        raise ValueError(f"unknown SparseFormer variant {config!r}; known: {sorted(VARIANTS)}")
     if detect_layout(state) == "v2":
         state = v2_to_v1_state_dict(state)
     if config is None:
