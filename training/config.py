@@ -249,8 +249,7 @@ def validate_model(cfg: DictConfig) -> None:
 
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "_target_"}
     try:
-        check_model_args(**kwargs)
-        cls, model_kwargs = check_model_args(**{**kwargs, "pretrained": False, "pretrained_ema": False})
+        cls, model_kwargs = check_model_args(**kwargs)  # (the constructor's arguments: pretrained is not one)
         with torch.device("meta"):
             cls(**model_kwargs)
     except (ValueError, TypeError) as e:
