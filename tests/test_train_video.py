@@ -26,6 +26,7 @@ def test_moving_digits_trains_and_evaluates(tmp_path):
     top1 = train_script.train(cfg, tmp_path)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["top1"] == top1 and result["step"] == 4 and 0 <= top1 <= 100
+    assert 0 <= result["top5"] <= 100 and "top5_ema" in result
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["model"]["token_roi"].shape == (4 * 2, 6)  # tubes
     # visualize.py on the video checkpoint: one PNG per clip, a row per sampling step, a column per frame
