@@ -93,15 +93,21 @@ def is_sparseformer(name: str) -> bool:
 MIN_RESOLUTION = 8  # the smallest image any model here takes (SparseFormer's stem)
 
 
-def check_sizes(section: str, values: dict) -> None:
-    """SweepConfigError unless each value (a number or a list of them) is a positive integer, and a
-    resolution at least MIN_RESOLUTION: found before the first point is timed, not at the point."""
+def check_ints(section: str, values: dict, minimum: dict | None = None) -> None:
+    """SweepConfigError unless each value (an integer or a list of them) is an integer >= its minimum:
+    `minimum[key]`, else MIN_RESOLUTION for a resolution and 1 for anything else (0 repeats time nothing,
+    a median of nothing; a negative warm-up is silently none). Found before the first point is timed."""
     for key, value in values.items():
         items = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
-        low = MIN_RESOLUTION if "resolution" in key else 1
+        low = (minimum or {}).get(key, MIN_RESOLUTION if "resolution" in key else 1)
         bad = [v for v in items if not isinstance(v, int) or isinstance(v, bool) or v < low]
         if bad:
-            what = f"integers >= {low} (pixels)" if low > 1 else "positive integers"
+            plural = isinstance(value, (list, tuple, ListConfig))
+            if low == 1:
+                what = "positive integers" if plural else "a positive integer"
+            else:
+                unit = " (pixels)" if "resolution" in key else ""
+                what = ("integers" if plural else "an integer") + f" >= {low}{unit}"
             raise SweepConfigError(f"{section}.{key}={value!r}: must be {what}, got {bad[0]!r}")
 
 
@@ -122,7 +128,7 @@ def sweep_points(sweep: DictConfig) -> list[Point]:
     if clips:
         raise SweepConfigError(f"sweep.models={clips}: video model(s), which take clips; put them in "
                                "sweep.video.models")
-    check_sizes("sweep", {"resolutions": sweep.resolutions, "tokens": sweep.tokens,
+    check_ints("sweep", {"resolutions": sweep.resolutions, "tokens": sweep.tokens,
                           "token_resolution": sweep.token_resolution})
     check_reference("sweep", sweep.reference)
     resolutions = list(dict.fromkeys([*sweep.resolutions, *([sweep.token_resolution] if sweep.tokens else [])]))
@@ -160,7 +166,7 @@ def video_points(sweep: DictConfig, mode: str) -> list[Point]:
     if images:
         raise SweepConfigError(f"sweep.video.models={images}: image model(s); put them in sweep.models (a video "
                                f"model takes clips: {[m for m in list_models() if takes_clips(m)]})")
-    check_sizes("sweep.video", {"frames": video.frames, "tokens": video.tokens, "resolution": video.resolution,
+    check_ints("sweep.video", {"frames": video.frames, "tokens": video.tokens, "resolution": video.resolution,
                                 "token_frames": video.token_frames})
     check_reference("sweep.video", video.get("reference"))
     points = []
@@ -345,15 +351,6 @@ def resolve_device(name: str) -> torch.device:
             raise ValueError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) are visible "
                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
-
-
-def check_counts(section: str, values: dict, minimum: dict) -> None:
-    """SweepConfigError unless each of `values` is an integer >= its minimum (0 repeats times nothing:
-    a median of nothing; a negative warm-up silently none)."""
-    for key, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum[key]:
-            what = "a positive integer" if minimum[key] == 1 else f"an integer >= {minimum[key]}"
-            raise SweepConfigError(f"{section}.{key} must be {what}, got {value!r}")
 
 
 def _row(point: Point, cfg: DictConfig, device: torch.device, **values) -> dict:
@@ -765,7 +762,7 @@ def run_memory(cfg: DictConfig, device: torch.device, run_dir: Path) -> list[dic
     if mem.model not in SPARSEFORMER_VARIANTS:  # the options below are SparseFormer's (backend, recompute, ...)
         raise SweepConfigError(f"memory.model={mem.model!r}: mode=memory measures an image SparseFormer's "
                                f"activation-memory options; pick one of {sorted(SPARSEFORMER_VARIANTS)}")
-    check_sizes("memory", {"resolution": mem.resolution, "batch_size": mem.batch_size})
+    check_ints("memory", {"resolution": mem.resolution, "batch_size": mem.batch_size})
     rows, runners, times = [], {}, {}
     for name, options in MEMORY_OPTIONS.items():
         torch.manual_seed(cfg.seed)
@@ -835,11 +832,11 @@ def run(cfg: DictConfig, run_dir: Path, progress: bool = True) -> list[dict]:
     device = resolve_device(cfg.device)
     malloc_tuned = device.type == "cpu" and cfg.keep_freed_memory and keep_freed_memory()
     if cfg.mode == "kernels":
-        check_counts("kernels", {"repeats": cfg.kernels.repeats}, {"repeats": 1})
+        check_ints("kernels", {"repeats": cfg.kernels.repeats}, {"repeats": 1})
         return run_kernels(cfg, device, run_dir)
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {cfg.precision!r}")
-    check_counts("sweep", {k: cfg.sweep[k] for k in ("batch_size", "repeats", "latency_repeats", "warmup")},
+    check_ints("sweep", {k: cfg.sweep[k] for k in ("batch_size", "repeats", "latency_repeats", "warmup")},
                  {"batch_size": 1, "repeats": 1, "latency_repeats": 0, "warmup": 0})
     if cfg.mode == "memory":
         return run_memory(cfg, device, run_dir)

@@ -211,7 +211,7 @@ def test_video_points_run_side_by_side(tmp_path):
 
 @pytest.mark.parametrize("key", ["batch_size", "repeats"])
 def test_zero_batch_size_or_repeats_is_a_clear_error(tmp_path, key):
-    with pytest.raises(benchmark.SweepConfigError, match=f"sweep.{key} must be a positive integer, got 0"):
+    with pytest.raises(benchmark.SweepConfigError, match=f"sweep.{key}=0: must be a positive integer, got 0"):
         benchmark.run(config(f"sweep.{key}=0"), tmp_path, progress=False)
     assert not list(tmp_path.glob("*.csv"))
 
@@ -299,7 +299,7 @@ def test_every_kind_of_registered_model_can_be_swept(tmp_path):
     (["sweep.reference=deit_smal"], r"sweep.reference='deit_smal': unknown model"),
     (["mode=memory", "memory.model=vivit_nano"], r"memory.model='vivit_nano': mode=memory measures an image "
                                                  r"SparseFormer"),
-    (["mode=memory", "memory.resolution=-64"], r"memory.resolution=-64: must be integers >= 8"),
+    (["mode=memory", "memory.resolution=-64"], r"memory.resolution=-64: must be an integer >= 8 \(pixels\)"),
 ])
 def test_a_model_in_the_wrong_sweep_is_refused_before_any_timing(tmp_path, overrides, match):
     with pytest.raises(benchmark.SweepConfigError, match=match):
@@ -308,9 +308,9 @@ def test_a_model_in_the_wrong_sweep_is_refused_before_any_timing(tmp_path, overr
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["sweep.warmup=-3"], r"sweep.warmup must be an integer >= 0, got -3"),
-    (["sweep.latency_repeats=-1"], r"sweep.latency_repeats must be an integer >= 0, got -1"),
-    (["mode=kernels", "kernels.repeats=0"], r"kernels.repeats must be a positive integer, got 0"),
+    (["sweep.warmup=-3"], r"sweep.warmup=-3: must be an integer >= 0, got -3"),
+    (["sweep.latency_repeats=-1"], r"sweep.latency_repeats=-1: must be an integer >= 0, got -1"),
+    (["mode=kernels", "kernels.repeats=0"], r"kernels.repeats=0: must be a positive integer, got 0"),
     (["mode=kernels", "kernels.batch_sizes=[16]"], r"kernels.batch_sizes=\[16\]: the CPU runs batches <= 8"),
     (["mode=memory", "precision=fp8"], r"precision must be one of"),
 ])
