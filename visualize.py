@@ -20,7 +20,7 @@ from data.samplers import EvalSampler
 from model import load_official_checkpoint
 from model.flops import is_video_model
 from model.hub import is_train_checkpoint, read_checkpoint
-from training.config import ConfigError, register_resolvers
+from training.config import ConfigError, input_kind, register_resolvers
 from training.visualize import draw_sampling, draw_tubes, plt
 
 log = logging.getLogger("visualize")
@@ -86,9 +86,8 @@ def visualize(cfg: DictConfig, overrides: list[str] = ()) -> list[Path]:
         raise ConfigError(f"checkpoint={cfg.checkpoint!r}: {type(model).__name__} has no RoIs to draw")
     builder = builder_from_config(data_cfg)
     if is_video_model(model) != builder.yields_clips:
-        kind = {True: "clips", False: "images"}
-        raise ConfigError(f"data={data_cfg.get('name')} yields {kind[builder.yields_clips]} but the checkpoint's "
-                          f"{type(model).__name__} takes {kind[is_video_model(model)]}")
+        raise ConfigError(f"data={data_cfg.get('name')} yields {input_kind(builder.yields_clips)} but the "
+                          f"checkpoint's {type(model).__name__} takes {input_kind(is_video_model(model))}")
     splits = builder.build()
     val_set = splits.val
     keys = list(EvalSampler(len(val_set)))  # the test set train.py scores
@@ -118,7 +117,7 @@ def visualize(cfg: DictConfig, overrides: list[str] = ()) -> list[Path]:
         fig.savefig(dest, dpi=120)
         plt.close(fig)
     log.info("wrote %s (%d %s x %d sampling steps)", ", ".join(map(str, dests)), len(items),
-             "clips" if x.dim() == 5 else "images", len(out.rois))
+             input_kind(x.dim() == 5), len(out.rois))
     return dests
 
 

@@ -202,6 +202,11 @@ def validate(cfg: DictConfig) -> None:
     check_input_kind(cfg, builder)
 
 
+def input_kind(clips: bool) -> str:
+    """How errors name what a model takes or a dataset yields."""
+    return "clips" if clips else "images"
+
+
 def check_input_kind(cfg: DictConfig, builder) -> None:
     """A model that takes clips needs a dataset of clips, an image model one of images (else the first
     batch fails with a shape error, after the data and model are built)."""
@@ -213,12 +218,11 @@ def check_input_kind(cfg: DictConfig, builder) -> None:
     takes = takes_clips(name)
     if takes == builder.yields_clips:
         return
-    kinds = {True: "clips", False: "images"}
     models = [m for m in list_models() if takes_clips(m) == builder.yields_clips]
     datasets = [f"data={n}" for n, clips in dataset_kinds().items() if clips == takes]
-    raise ConfigError(f"model={name} takes {kinds[takes]} but data={cfg.data.get('name')} yields "
-                      f"{kinds[builder.yields_clips]}: pick a model for {kinds[builder.yields_clips]} "
-                      f"({', '.join(models)}) or a dataset of {kinds[takes]} ({', '.join(datasets) or 'none'})")
+    takes, yields = input_kind(takes), input_kind(builder.yields_clips)
+    raise ConfigError(f"model={name} takes {takes} but data={cfg.data.get('name')} yields {yields}: pick a model "
+                      f"for {yields} ({', '.join(models)}) or a dataset of {takes} ({', '.join(datasets) or 'none'})")
 
 
 def dataset_kinds() -> dict[str, bool]:
