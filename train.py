@@ -316,11 +316,12 @@ def build_model(cfg: DictConfig, info: dist.DistInfo) -> nn.Module:
     return model.to(info.device)
 
 
-def lr_schedule(cfg: DictConfig, steps_per_epoch: int, world_size: int) -> dict:
-    """training.optim.lr_at's parameters: the lr scales with the global batch unless optim.lr is set."""
+def lr_schedule(cfg: DictConfig, steps_per_epoch: int, world_size: int, warn: bool = True) -> dict:
+    """training.optim.lr_at's parameters: the lr scales with the global batch unless optim.lr is set.
+    `warn`: say so when the peak lr is below min_lr (rank 0 only: one line per run, not per rank)."""
     global_batch = cfg.data.batch_size * world_size
     base_lr = cfg.optim.lr or cfg.optim.base_lr * global_batch / cfg.optim.base_batch_size
-    if base_lr < cfg.schedule.min_lr:  # the cosine would rise from base_lr to min_lr
+    if warn and base_lr < cfg.schedule.min_lr:  # the cosine would rise from base_lr to min_lr
         how = f"optim.lr={cfg.optim.lr}" if cfg.optim.lr else (
             f"optim.base_lr={cfg.optim.base_lr} x global batch {global_batch} / optim.base_batch_size="
             f"{cfg.optim.base_batch_size}")
@@ -331,7 +332,7 @@ def lr_schedule(cfg: DictConfig, steps_per_epoch: int, world_size: int) -> dict:
 
 
 def build_state(cfg: DictConfig, model: nn.Module, data: Data, info: dist.DistInfo, precision: str) -> TrainState:
-    schedule = lr_schedule(cfg, data.steps_per_epoch, info.world_size)
+    schedule = lr_schedule(cfg, data.steps_per_epoch, info.world_size, warn=info.is_main)
     return TrainState(
         model=model, ema=EMA(model, cfg.trainer.ema_decay) if cfg.trainer.ema_decay else None,
         optimizer=build_optimizer(model, cfg.optim, schedule["base_lr"]),

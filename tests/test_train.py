@@ -80,6 +80,10 @@ def test_a_peak_lr_below_min_lr_is_a_warning(caplog):
     assert "peak lr 3.91e-06 (optim.base_lr=0.0005 x global batch 4 / optim.base_batch_size=512) is below " \
            "schedule.min_lr=1e-05" in caplog.text
     caplog.clear()
+    with caplog.at_level("WARNING"):  # another rank: the same schedule, no second line
+        assert train_script.lr_schedule(cfg, steps_per_epoch=10, world_size=1, warn=False)["base_lr"] == \
+            pytest.approx(3.90625e-6)
+    assert "peak lr" not in caplog.text
     cfg.schedule.min_lr = 0.0
     with caplog.at_level("WARNING"):
         train_script.lr_schedule(cfg, steps_per_epoch=10, world_size=1)
