@@ -356,13 +356,14 @@ class FeatureMap:
     features (B, H, W, C) with points (B, N, P, 2), or (B, T, H, W, C) with points (B, N, P, 3).
     """
 
-    def __init__(self, features: Tensor, point_grad_clamp=None, backend: str = "auto"):
+    def __init__(self, features: Tensor, point_grad_clamp=None, backend: str = "auto", *, caller: str = "FeatureMap"):
+        # caller: the public function errors are named after (sample_and_mix builds a FeatureMap)
         if not isinstance(features, Tensor) or features.dim() not in (4, 5):
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-            raise ValueError(f"FeatureMap: features must be (B, H, W, C) or (B, T, H, W, C), got {shape}")
+            raise ValueError(f"{caller}: features must be (B, H, W, C) or (B, T, H, W, C), got {shape}")
         self.features = features
         self.ndim = features.dim() - 2
-        self.clamp = check_clamp("FeatureMap", point_grad_clamp, self.ndim)
+        self.clamp = check_clamp(caller, point_grad_clamp, self.ndim)
         self.backend = resolve_backend(backend, features.device)
         self._token = map_grad_root(features)
 
@@ -395,4 +396,5 @@ def sample_and_mix(features: Tensor, points: Tensor, params: Tensor, channel_bia
     Returns:
         (B, N, P, C) in params' dtype.
     """
-    return FeatureMap(features, point_grad_clamp, backend).sample_and_mix(points, params, channel_bias, spatial_bias)
+    fmap = FeatureMap(features, point_grad_clamp, backend, caller="sample_and_mix")
+    return fmap.sample_and_mix(points, params, channel_bias, spatial_bias)

@@ -192,6 +192,17 @@ def test_value_errors(index, value, match):
         sample_and_mix(*inputs, backend="torch")
 
 
+def test_errors_name_the_function_called():
+    """sample_and_mix builds a FeatureMap, but its errors name sample_and_mix, what the user called."""
+    inputs, _ = make_inputs(1, 1, 4, 4, 8, 2, 4, 2, torch.float32)
+    with pytest.raises(ValueError, match=r"^sample_and_mix: point_grad_clamp must be positive, one number or 2"):
+        sample_and_mix(*inputs, point_grad_clamp=[1.0, 2.0, 3.0], backend="torch")
+    with pytest.raises(ValueError, match=r"^sample_and_mix: features must be \(B, H, W, C\)"):
+        sample_and_mix(inputs[0][0], *inputs[1:], backend="torch")
+    with pytest.raises(ValueError, match=r"^FeatureMap: point_grad_clamp must be positive"):
+        FeatureMap(inputs[0], point_grad_clamp=-1.0)
+
+
 @pytest.mark.parametrize("C, P", [(0, 4), (8, 0)], ids=["C0", "P0"])
 def test_nothing_to_mix_gives_zero_gradients(poisoned, device, C, P):
     """P or C of 0: no program runs, and every gradient is the reference's zeros, not an unwritten buffer."""
