@@ -89,6 +89,13 @@ def _holds_video_weights(source, name: str) -> bool:
     return roi is not None and roi.shape[-1] == 6
 
 
+def _holds_framewise_weights(source, name: str) -> bool:
+    """Whether the file or URL `source` holds a FrameAveraged model's own state dict (keys under
+    `image_model.`, e.g. a framewise run's last.pt), not the image model's weights to load into it."""
+    state, _ = hub.find_state_dict(hub.read_checkpoint(hub.resolve(source, name, hub.PretrainedCfg())))
+    return isinstance(state, dict) and any(str(k).startswith("image_model.") for k in state)
+
+
 def create_model(name: str, pretrained=False, pretrained_ema: bool = False, **overrides) -> nn.Module:
     """Build a registered model; `overrides` replace the variant's defaults.
 
@@ -98,7 +105,8 @@ def create_model(name: str, pretrained=False, pretrained_ema: bool = False, **ov
     pretrained_ema: take the file's EMA weights (a train.py checkpoint's `ema`, timm's `model_ema`)
     instead of its raw ones; an error when it has none.
     A VideoSparseFormer takes the weights of its image variant (video.IMAGE_VARIANTS), inflated, or a
-    VideoSparseFormer's own (a file or URL holding 6-wide tube RoIs) as they are.
+    VideoSparseFormer's own (a file or URL holding 6-wide tube RoIs) as they are. A frame-averaged
+    baseline (model/framewise.py) takes its image model's weights, or its own (keys under image_model.).
 
     SparseFormer keys: num_tokens, num_points, conv_dim, focusing_dim, cortex_dim, cortex_depth,
     focusing_repeats, num_heads, mlp_ratio, num_classes, in_chans, drop_path_rate, backend,
@@ -127,6 +135,11 @@ def create_model(name: str, pretrained=False, pretrained_ema: bool = False, **ov
                              f"its own sizes, {model.spatial_tokens} spatial tokens x {model.replicates} replicates: "
                              "give it the image weights' sizes, e.g. num_tokens=<their token count>)") from None
         model.load_state_dict(video.inflate(image, model.replicates).state_dict())
+    elif pretrained and isinstance(model, framewise.FrameAveraged) and not _holds_framewise_weights(pretrained, name):
+        # an image model's weights (e.g. a sparseformer_nano run's last.pt) go into the per-frame model
+        image_name = kwargs.get("image_model") if isinstance(kwargs.get("image_model"), str) else name
+        hub.load_pretrained(model.image_model, pretrained, image_name,
+                            _PRETRAINED.get(type(model.image_model), hub.PretrainedCfg()), use_ema=pretrained_ema)
     elif pretrained:
         hub.load_pretrained(model, pretrained, name, _PRETRAINED.get(cls, hub.PretrainedCfg()), use_ema=pretrained_ema)
     return model

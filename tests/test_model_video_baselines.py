@@ -116,3 +116,24 @@ def test_frame_averaging_takes_a_module_and_refuses_mixed_arguments():
         FrameAveraged(inner, num_classes=5)
     with pytest.raises(ValueError, match=r"clips \(B, C, T, H, W\)"):
         m(torch.randn(2, 1, 16, 16))
+
+
+def test_frame_averaging_takes_its_image_models_weights_or_its_own(tmp_path):
+    """pretrained= an image model's weights loads them into the per-frame model; its own (a framewise
+    run's, keys under image_model.) load as they are; weights of another size name the mismatch."""
+    from model import create_model
+
+    image = create_model("sparseformer_nano", num_classes=8, in_chans=1, **TINY_SPARSEFORMER)
+    torch.save(image.state_dict(), tmp_path / "image.pt")
+    kw = dict(num_classes=8, in_chans=1, image_kwargs=TINY_SPARSEFORMER)
+    m = create_model("framewise_sparseformer_nano", pretrained=str(tmp_path / "image.pt"), **kw)
+    for (k, a), b in zip(image.state_dict().items(), m.image_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with torch.no_grad():
+        m.image_model.token_roi.add_(0.01)  # now its own weights differ from the image file
+    torch.save(m.state_dict(), tmp_path / "own.pt")
+    again = create_model("framewise_sparseformer_nano", pretrained=str(tmp_path / "own.pt"), **kw)
+    assert torch.equal(again.image_model.token_roi, m.image_model.token_roi)
+    with pytest.raises(ValueError, match=r"shape mismatches .*token_embedding \(4, 16\) -> \(9, 16\)"):
+        create_model("framewise_sparseformer_nano", pretrained=str(tmp_path / "image.pt"), num_classes=8, in_chans=1,
+                     image_kwargs={**TINY_SPARSEFORMER, "num_tokens": 9})
