@@ -13,8 +13,10 @@ from PIL import Image
 import train as train_script
 import visualize
 from data import average_view_probs, fold_views
+from model import count_flops, create_model
 from test_data_kinetics import write_video
 from train_helpers import CONF, FAST, TINY_MODEL, compose_cfg
+from wandb_offline import find_run_files, read_run
 
 TINY_CLIPS = ["data.batch_size=8", "data.eval_batch_size=8", "data.train_samples_per_epoch=16", "data.test_samples=8",
               "data.num_frames=4", "data.canvas_size=40", "data.speed=[2,2]", "data.num_workers=0"]
@@ -29,6 +31,12 @@ def test_moving_digits_trains_and_evaluates(tmp_path):
     assert 0 <= result["top5"] <= 100 and "top5_ema" in result
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["model"]["token_roi"].shape == (4 * 2, 6)  # tubes
+    # the logged GMACs are per clip of the data's 4 frames (the stem runs on every frame: 8 would count more)
+    model = create_model("videosparseformer_nano",
+                         **{k: v for k, v in state["config"]["model"].items() if k not in ("_target_", "name")})
+    summary = read_run(find_run_files(tmp_path)[0])["summary"]
+    assert summary["gmacs"] == pytest.approx(count_flops(model, 40, in_chans=1, num_frames=4)["macs"] / 1e9)
+    assert summary["gmacs"] < count_flops(model, 40, in_chans=1, num_frames=8)["macs"] / 1e9
     # visualize.py on the video checkpoint: one PNG per clip, a row per sampling step, a column per frame
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         vis = compose(config_name="visualize", overrides=[f"checkpoint={tmp_path / 'checkpoints' / 'last.pt'}",
