@@ -78,7 +78,7 @@ def tubes_from_boxes(boxes: Tensor, replicates: int) -> Tensor:
     """(N, 4) boxes (x1, y1, x2, y2) -> (R * N, 6) tubes (x1, y1, t1, x2, y2, t2), replicate-major,
     replicate r spanning [r / R, (r + 1) / R]."""
     R, N = replicates, boxes.shape[0]
-    t1 = (torch.arange(R, dtype=boxes.dtype) / R).repeat_interleave(N)[:, None]
+    t1 = (torch.arange(R, dtype=boxes.dtype, device=boxes.device) / R).repeat_interleave(N)[:, None]
     b = boxes.repeat(R, 1)
     return torch.cat([b[:, :2], t1, b[:, 2:], t1 + 1.0 / R], dim=1)
 
@@ -91,7 +91,7 @@ def inflate(image_model: SparseFormer, replicates: int = 4, **overrides) -> Vide
     offset Linear, and the temporal offset bias spread (offset_bias_init): with all t offsets equal
     the standardisation would divide by ~0. On a static clip whose sampled times stay inside the
     clip, it computes the image model's logits (tests/test_model_video.py): from T = 4R frames on
-    (16 for R = 4); on shorter clips the first and last replicates' outermost points fall outside the
+    (16 for R = 4; 3R when P is even); on shorter clips the first and last replicates' outermost points fall outside the
     first and last frame centres and read some zero padding (the logits differ)."""
     if not isinstance(image_model, SparseFormer) or isinstance(image_model, VideoSparseFormer):
         raise TypeError("inflate takes an image SparseFormer (model.create_model('sparseformer_<t|s|b|nano>', ...) "
@@ -101,7 +101,8 @@ def inflate(image_model: SparseFormer, replicates: int = 4, **overrides) -> Vide
         raise ValueError(f"inflate: {shaped} would change the weights' shapes, which come from the image model; "
                          "overrides are for settings such as backend or drop_path_rate")
     kwargs = {**image_model.init_kwargs, "num_tokens": image_model.num_tokens, **overrides}
-    video = VideoSparseFormer(replicates=replicates, **kwargs)
+    weight = next(image_model.parameters())  # the video model lives where the image model does, in its dtype
+    video = VideoSparseFormer(replicates=replicates, **kwargs).to(weight.device, weight.dtype)
     state = image_model.state_dict()
     P = image_model.num_points
     for key in list(state):

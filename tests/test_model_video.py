@@ -76,6 +76,26 @@ def test_inflated_model_on_a_static_clip_gives_the_image_logits(replicates):
         assert (short - image(img)).abs().max() > 1e-4
     # the temporal offsets are spread after inflation, as from scratch
     assert video.focusing.roi_offset_bias.view(9, 3)[:, 2].std() > 0.2
+    # even P (every shipped variant): the two time levels split evenly and 3R frames already suffice
+    image = model.create_model("sparseformer_nano", **{**TINY, "in_chans": 3}).eval()  # P = 8
+    video = inflate(image, replicates=replicates).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(video(img[:, :, None].expand(-1, -1, 3 * replicates, -1, -1)), image(img),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_inflation_keeps_the_image_models_dtype_and_device():
+    """The video model is made where the image model lives, in its dtype (an fp64 model stays fp64;
+    the meta device stands in for a GPU: a tensor made on the CPU would not join it)."""
+    image = model.create_model("sparseformer_nano", **TINY).double().eval()
+    video = inflate(image, replicates=2)
+    assert {p.dtype for p in video.parameters()} == {torch.float64}
+    img = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(video(img[:, :, None].expand(-1, -1, 8, -1, -1)), image(img))
+    with torch.device("meta"):
+        on_meta = model.create_model("sparseformer_nano", **TINY)
+    assert {p.device.type for p in inflate(on_meta, replicates=2).parameters()} == {"meta"}
 
 
 def test_inflating_the_authors_weights(fixtures_dir):
