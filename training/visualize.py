@@ -85,7 +85,8 @@ def draw_tubes(clip: torch.Tensor, rois: list[torch.Tensor], points: list[torch.
             lo, hi = f / T, (f + 1) / T
             for n in range(N):
                 x1, y1, t1, x2, y2, t2 = tube[n]
-                if min(t1, t2) < hi and max(t1, t2) >= lo:
+                a, b = min(t1, t2), max(t1, t2)  # covers [a, b]: overlaps the frame's [lo, hi) inside it
+                if (a < hi and b > lo) or (a == b and lo <= a < hi):
                     ax.add_patch(Rectangle((x1 * w, y1 * h), (x2 - x1) * w, (y2 - y1) * h, fill=False,
                                            edgecolor=colors[n], linewidth=0.8))
                 if pts is not None:
