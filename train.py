@@ -504,6 +504,34 @@ def train_one_epoch(run: Run) -> bool:
     # skipped this epoch, steps with a non-finite loss; kept on the device: no host sync per step
     window, t0 = torch.zeros(5, dtype=torch.float64, device=info.device), time.perf_counter()
     epoch_skipped, epoch_steps, last_batch, bad_streak = 0, 0, None, 0
+
+    def log_window() -> None:
+        """Log the window (all ranks: it all-reduces), then start a new one. Called at log steps and
+        before every checkpoint, so a resumed run's windows are the uninterrupted run's, and each epoch's
+        last steps since a log line are logged too."""
+        nonlocal window, t0, bad_streak
+        window[3] = epoch_skipped
+        loss_sum, n_steps, n_images, n_skipped, n_bad = dist.all_reduce_sum(window, info).tolist()
+        run.train_skipped = max(run.train_skipped, int(n_skipped))  # over all ranks
+        # fp16: a forward that overflows on one batch is a step the GradScaler skips (inf gradients),
+        # so the run goes on unless every step overflows: log windows with no finite step on any rank,
+        # 10 rank-steps per rank in a row at least (counted at log steps: no host sync per step);
+        # without a scaler the weights take the NaN at once
+        bad_streak = 0 if n_steps else bad_streak + n_bad
+        if n_bad and (not state.scaler.is_enabled() or bad_streak >= 10 * info.world_size):
+            raise FloatingPointError(f"training loss is not finite at step {state.step} ({int(n_bad)} of the "
+                                     f"{int(n_bad + n_steps)} rank-steps since the last log line)")
+        if n_steps or n_bad:  # (neither: every rank took only stand-in steps since the last line)
+            img_s = n_images / (time.perf_counter() - t0)
+            mean = {"train/loss": loss_sum / n_steps} if n_steps else {}  # of the finite losses
+            run.logger.log({**mean, "train/lr": lr, "train/img_s": img_s,
+                            "train/epoch": state.step / data.steps_per_epoch,
+                            "train/skipped_files": run.train_skipped, "train/nonfinite_steps": n_bad},
+                           state.step)
+            bar.set_postfix(loss=f"{loss_sum / n_steps:.3f}" if n_steps else "inf", lr=f"{lr:.2e}",
+                            img_s=f"{img_s:.0f}")
+        window, t0 = torch.zeros_like(window), time.perf_counter()
+
     for x, y, skipped in data.train_loader:
         state.batch_in_epoch += 1
         epoch_skipped += skipped  # unreadable reads this epoch (= bad files when data.augment.repeats=1)
@@ -524,34 +552,16 @@ def train_one_epoch(run: Run) -> bool:
             window[2] += len(x)
             window[4] += ~finite
         if state.step % cfg.logger.log_every_steps == 0 or state.step == run.max_steps:
-            window[3] = epoch_skipped
-            loss_sum, n_steps, n_images, n_skipped, n_bad = dist.all_reduce_sum(window, info).tolist()
-            run.train_skipped = max(run.train_skipped, int(n_skipped))  # over all ranks
-            # fp16: a forward that overflows on one batch is a step the GradScaler skips (inf gradients),
-            # so the run goes on unless every step overflows: log windows with no finite step on any rank,
-            # 10 rank-steps per rank in a row at least (counted at log steps: no host sync per step);
-            # without a scaler the weights take the NaN at once
-            bad_streak = 0 if n_steps else bad_streak + n_bad
-            if n_bad and (not state.scaler.is_enabled() or bad_streak >= 10 * info.world_size):
-                raise FloatingPointError(f"training loss is not finite at step {state.step} ({int(n_bad)} of the "
-                                         f"{int(n_bad + n_steps)} rank-steps since the last log line)")
-            if n_steps or n_bad:  # (neither: every rank took only stand-in steps since the last line)
-                img_s = n_images / (time.perf_counter() - t0)
-                mean = {"train/loss": loss_sum / n_steps} if n_steps else {}  # of the finite losses
-                run.logger.log({**mean, "train/lr": lr, "train/img_s": img_s,
-                                "train/epoch": state.step / data.steps_per_epoch,
-                                "train/skipped_files": run.train_skipped, "train/nonfinite_steps": n_bad},
-                               state.step)
-                bar.set_postfix(loss=f"{loss_sum / n_steps:.3f}" if n_steps else "inf", lr=f"{lr:.2e}",
-                                img_s=f"{img_s:.0f}")
-            window, t0 = torch.zeros_like(window), time.perf_counter()
+            log_window()
         run.measure_budget()
         if cfg.trainer.ckpt_every_steps and state.step % cfg.trainer.ckpt_every_steps == 0:
+            log_window()
             saving = time.perf_counter()
             run.save()
             t0 += time.perf_counter() - saving  # train/img_s is training's rate, not the disk's
         if state.step >= run.max_steps or run.budget_spent >= 1:
             break
+    log_window()  # the steps since the last line, before the epoch's checkpoint
     bar.close()
     counts = torch.tensor([epoch_skipped, epoch_steps], dtype=torch.float64, device=info.device)
     epoch_skipped, epoch_steps = (int(v) for v in dist.all_reduce_sum(counts, info).tolist())  # over all ranks
