@@ -286,6 +286,10 @@ def use_checkpoint_model(cfg: DictConfig, run_dir: Path, info: dist.DistInfo,
     Returns (path, the checkpoint read) for `resume`, which then does not read it again; None when
     there is nothing to evaluate from."""
     path = resume_path(cfg, run_dir) if cfg.trainer.eval_only else None
+    if path is None and cfg.trainer.eval_only and not cfg.model.get("pretrained"):  # nothing but random weights
+        raise ConfigError(f"trainer.eval_only=true trainer.resume=auto: no checkpoint in {run_dir / 'checkpoints'} "
+                          "to evaluate; give run_dir=<the run folder>, trainer.resume=<checkpoint file> or "
+                          "model.pretrained=<weights>")
     if path is None:
         return None
     checkpoint = read_checkpoint(path)
@@ -685,9 +689,14 @@ def launch_local_processes(cfg: DictConfig, run_dir: str, overrides: list[str]) 
 def interrupted(run_dir: str | Path, overrides: list[str]) -> str:
     """The line a stopped run ends with: its last checkpoint's step and the command that continues it."""
     last = ckpt.find_last(Path(run_dir))
+    resume = "trainer.resume=auto"
+    given = [o for o in overrides if o.lstrip("+~").startswith("trainer.resume=")]
+    if last is None and given and Path(given[-1].split("=", 1)[1]).is_file():
+        # stopped before its first checkpoint: `auto` would start from scratch; the file it began from
+        resume, last = given[-1].lstrip("+~"), Path(given[-1].split("=", 1)[1])
     step = ckpt.load(last).get("step", "?") if last else 0
     keep = [o for o in overrides if not o.lstrip("+~").startswith(("run_dir=", "trainer.resume="))]
-    command = shlex.join(["python", "train.py", *keep, f"run_dir={Path(run_dir).resolve()}", "trainer.resume=auto"])
+    command = shlex.join(["python", "train.py", *keep, f"run_dir={Path(run_dir).resolve()}", resume])
     return f"interrupted at step {step} (the last checkpoint); resume with: {command}"
 
 

@@ -187,6 +187,28 @@ def test_eval_only_without_a_stored_ema_reports_none(tmp_path):
     assert result["top1_ema"] is None and result["top1"] == json.loads((train_dir / "result.json").read_text())["top1"]
 
 
+def test_eval_only_with_nothing_to_resume_is_refused(tmp_path):
+    """eval-only, resume=auto, a run folder with no checkpoint (a typo): an error, not a random model's
+    accuracy written as the run's result."""
+    cfg = compose_cfg([*ARGS, f"run_dir={tmp_path}", "trainer.eval_only=true", "trainer.resume=auto"])
+    with pytest.raises(train_script.ConfigError, match=r"trainer.eval_only=true trainer.resume=auto: no checkpoint in "
+                                                       r".*checkpoints to evaluate; give run_dir="):
+        train_script.train(cfg, tmp_path)
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_file_it_began_from(two_steps, tmp_path):
+    """Started with trainer.resume=<file> in a new folder and stopped before that folder's first
+    checkpoint: the resume command keeps the file (auto would find nothing and start from scratch)."""
+    last = two_steps / "checkpoints" / "last.pt"
+    line = train_script.interrupted(tmp_path, [f"trainer.resume={last}", "trainer.epochs=3"])
+    assert line.startswith("interrupted at step 2 (the last checkpoint); resume with: python train.py "), line
+    assert shlex.split(line.split("resume with: ", 1)[1])[-1] == f"trainer.resume={last}"
+    # once the new folder has a checkpoint of its own, that is the one to continue from
+    line = train_script.interrupted(copy_run(two_steps, tmp_path / "own"), [f"trainer.resume={last}"])
+    assert line.endswith("trainer.resume=auto")
+
+
 def test_sigterm_stops_a_single_process_run_with_its_resume_command(tmp_path):
     """`kill PID` of a one-process run ends it as Ctrl-C does: one line with the last checkpoint's step
     and the command that continues it; that command resumes, and the config the run started with stays
