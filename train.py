@@ -585,6 +585,9 @@ def evaluate_and_log(run: Run) -> dict:
     """Raw and EMA weights on the whole evaluation set, logged (and the RoI figure)."""
     state, data, info = run.state, run.data, run.info
     views = data.spec.views
+    for module in (state.model, state.ema and state.ema.module):  # rank 0's BatchNorm statistics: its checkpoint's
+        if module is not None:
+            dist.broadcast_buffers(module, info)
     # the module, not its DDP wrapper: DDP's forward may broadcast buffers (a collective) first, and a
     # rank whose evaluation share is empty or undecodable runs no forward: the others would wait
     res = evaluate(state.model, data.val_loader, data.eval_transform, info, run.precision, views)

@@ -80,3 +80,25 @@ def test_no_rank_saves_weights_that_are_not_finite_on_any_rank(tmp_path, bad_ran
     else:
         assert all(r.startswith("refused: the model's weights are not finite at step 7") for r in results), results
         assert not (tmp_path / "last.pt").exists()
+
+
+def _buffers_on_two_ranks(rank: int, store: str, out: str) -> None:
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        bn = torch.nn.BatchNorm1d(3)
+        bn(torch.randn(8, 3) + rank)  # each rank's own batch: other running statistics
+        dist.broadcast_buffers(bn, dist.DistInfo(rank=rank, world_size=2))
+        torch.save(bn.state_dict(), Path(out) / f"rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_evaluation_buffers_are_rank_zeros(tmp_path):
+    """BatchNorm statistics after a step differ per rank (DDP syncs them only when a training forward
+    starts): before evaluating, every rank takes rank 0's, the ones its checkpoint holds."""
+    mp.start_processes(_buffers_on_two_ranks, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert a["running_mean"].abs().sum() > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -72,6 +72,16 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank. DDP broadcasts them only at the
+    start of a training forward, so after a step each rank holds statistics updated by its own batch;
+    evaluated as they are, each rank's share of the test set would be scored by another model than
+    the one rank 0 saves."""
+    if info.enabled:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def broadcast_object(obj, info: DistInfo):
     if not info.enabled:
         return obj
