@@ -594,7 +594,8 @@ def evaluate_and_log(run: Run) -> dict:
     res_ema = evaluate(state.ema.module, data.val_loader, data.eval_transform, info, run.precision, views) \
         if state.ema else None
     metrics = {"val/top1": res["top1"], "val/top5": res["top5"], "val/images": res["n"],
-               "val/img_s_wall": res["img_s_wall"], "val/skipped_files": res["skipped"], "epoch": state.epoch}
+               "val/img_s": res["img_s"], "val/img_s_wall": res["img_s_wall"], "val/skipped_files": res["skipped"],
+               "epoch": state.epoch}
     if res_ema:
         metrics.update({"val_ema/top1": res_ema["top1"], "val_ema/top5": res_ema["top5"]})
     run.logger.log(metrics, state.step)

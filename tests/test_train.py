@@ -293,3 +293,24 @@ def test_img_s_leaves_out_checkpoint_writes(tmp_path, monkeypatch):
     train_script.train(cfg, tmp_path)
     rates = [m["train/img_s"] for m in read_metrics(tmp_path) if "train/img_s" in m]
     assert len(rates) == 4 and min(rates) > 16  # batch 8: a window with a 1 s write in it would read < 8
+
+
+def test_a_resumed_runs_accuracy_vs_throughput_scatter_keeps_the_earlier_evaluations(tmp_path):
+    """The W&B scatter of top-1 against eval img/s is rebuilt from metrics.jsonl on resume (it lived in
+    memory only); a step the resumed run redoes replaces the killed run's point and those after it."""
+    from training.logger import Logger, evaluations
+
+    lines = [{"step": 4, "val/top1": 20.0, "val/img_s": 100.0, "val_ema/top1": 15.0},
+             {"step": 4, "train/loss": 2.0},
+             {"step": 8, "val/top1": 30.0, "val/img_s": 110.0},  # no EMA: its top-1 stands in
+             {"step": 12, "val/top1": 35.0, "val/img_s": 90.0}]  # after the last checkpoint: redone
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + '\n{"step": 16, "val/to')
+    assert evaluations(tmp_path / "metrics.jsonl") == [[100.0, 20.0, 15.0, 4], [110.0, 30.0, 30.0, 8],
+                                                       [90.0, 35.0, 35.0, 12]]
+    cfg = compose_cfg([*FAST, f"run_dir={tmp_path}", "logger.mode=offline"])
+    logger = Logger(cfg, tmp_path, enabled=True)
+    try:
+        logger.log_accuracy_vs_throughput(95.0, 36.0, None, step=12)
+        assert logger._acc_vs_speed == [[100.0, 20.0, 15.0, 4], [110.0, 30.0, 30.0, 8], [95.0, 36.0, 36.0, 12]]
+    finally:
+        logger.finish()

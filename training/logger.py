@@ -25,6 +25,21 @@ def benchmark_run(cfg, run_dir: Path, name: str, meta: dict, extra_tags: tuple[s
     )  # fmt: skip
 
 
+def evaluations(metrics_file: Path) -> list[list[float]]:
+    """[img_s, top1, top1_ema (or top1), step] of each evaluation metrics.jsonl holds (val/img_s and
+    val/top1 lines), one per step (a redone step: its last line), in step order."""
+    by_step = {}
+    if metrics_file.is_file():
+        for line in metrics_file.read_text().splitlines():
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if "val/img_s" in m and "val/top1" in m:
+                by_step[m["step"]] = [m["val/img_s"], m["val/top1"], m.get("val_ema/top1", m["val/top1"]), m["step"]]
+    return [by_step[s] for s in sorted(by_step)]
+
+
 class Logger:
     """Rank 0's metrics: metrics.jsonl always; W&B unless logger.mode=disabled (which needs no wandb
     installed, e.g. on a machine whose python has only the model's packages)."""
@@ -34,6 +49,7 @@ class Logger:
         self._acc_vs_speed: list[list[float]] = []
         if not enabled:
             return
+        self._acc_vs_speed = evaluations(self.run_dir / "metrics.jsonl")  # a resumed run's scatter keeps them
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         if cfg.logger.mode == "disabled":
             return
@@ -67,6 +83,8 @@ class Logger:
         """Both the define_metric chart above and a scatter of every evaluation so far."""
         if self.run is None:
             return
+        # a step at or before an earlier point's is a resumed run redoing it: the redo replaces what follows
+        self._acc_vs_speed = [p for p in self._acc_vs_speed if p[3] < step]
         self._acc_vs_speed.append([img_s, top1, top1 if top1_ema is None else top1_ema, step])
         table = self.wandb.Table(data=self._acc_vs_speed, columns=["img_s", "top1", "top1_ema", "step"])
         metrics = {"throughput/eval_img_s": img_s, "throughput/top1": top1,
