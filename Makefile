@@ -51,9 +51,9 @@ compat:
 
 # A lent GPU machine's python has torch and triton but not the training stack: `make gpu-wheels` puts
 # what tools/gpu_window.py's training and augmentation steps need in .whl/ (the versions this venv
-# tests, built for the machine's Python 3.12; ~9 MB), to carry with the call (docs/KERNELS.md, "A GPU window").
+# tests, built for the machine's Python 3.12; 1.7 MB on 2026-12-08), to carry with the call (docs/KERNELS.md, "A GPU window").
 GPU_PYTHON ?= 3.12
-GPU_STACK := hydra-core omegaconf kornia kornia_rs mlxtend
+GPU_STACK := hydra-core omegaconf mlxtend
 GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
 PINS = $(VPY) -c "import importlib.metadata as m, sys; print(' '.join(n + '==' + m.version(n) for n in sys.argv[1:]))"
 gpu-wheels: setup

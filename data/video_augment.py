@@ -3,7 +3,8 @@ random erasing, Mixup/CutMix + label smoothing) with one set of random parameter
 all of its frames, so that augmentation never creates motion that is not in the video.
 
 Frames are folded into the batch, (B, C, T, H, W) -> (B·T, C, H, W), and the per-sample parameters
-(data/randaugment.py's, kornia's random erasing's), drawn for the B clips, are repeated T times. Ops
+(data/randaugment.py's, data/augment.py's random erasing's: its box and its noise), drawn for the B
+clips, are repeated T times. Ops
 whose effect depends on the image itself (equalize, autocontrast) still see each frame's own
 histogram, with the clip's parameters.
 Mixup mixes whole clips and CutMix pastes the same box in every frame (`MixupCutmix` indexes the
@@ -16,33 +17,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from kornia.augmentation.container.params import ParamItem
 
 from .augment import BatchTransform
 
 
-def repeat_params(params, batch: int, times: int):
-    """kornia forward parameters drawn for `batch` samples -> the same parameters for `batch * times`
-    samples, each repeated `times` times in a row (sample b·times + t gets sample b's draw)."""
-    if isinstance(params, list):
-        return [repeat_params(p, batch, times) for p in params]
-    if isinstance(params, ParamItem):
-        return ParamItem(params.name, repeat_params(params.data, batch, times))
-    if isinstance(params, dict):
-        out = {}
-        for key, value in params.items():
-            if key == "forward_input_shape":  # the shape kornia checks the input against
-                value = value.clone()
-                value[0] = batch * times
-            elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-                value = value.repeat_interleave(times, dim=0)
-            out[key] = value
-        return out
-    return params
+def repeat_params(params: dict, batch: int, times: int) -> dict:
+    """Parameters drawn for `batch` samples (a dict of tensors whose first axis is the sample) -> the
+    same parameters for `batch * times` samples, each repeated `times` times in a row (sample
+    b·times + t gets sample b's draw)."""
+    return {key: value.repeat_interleave(times, dim=0)
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch else value
+            for key, value in params.items()}
 
 
 class SameOnFrames(nn.Module):
-    """Apply a kornia image augmentation to clips with one draw per clip.
+    """Apply an image augmentation with `forward_parameters(shape)` and `forward(x, params)`
+    (RandAugment, RandomErasing) to clips with one draw per clip.
     x (B, C, T, H, W) -> (B, C, T, H, W)."""
 
     def __init__(self, aug: nn.Module):

@@ -1,9 +1,10 @@
 """On a CUDA GPU (`pytest -m gpu`): the device-side augmentation of the ImageNet and Kinetics recipes
 never makes the host wait for the GPU. A host sync per batch stalls the input pipeline: the CPU
-stops queueing kernels until the GPU drains. kornia 0.9 moves its random samplers to the device with
-the module and copies each draw back to the CPU (a blocking copy); BatchTransform keeps them on the
-CPU (its `_apply`). `torch.cuda.set_sync_debug_mode("error")` turns any remaining sync (a `.item()`,
-a device-to-host copy, a data-dependent branch) into an error naming the op.
+stops queueing kernels until the GPU drains. RandAugment and random erasing draw their parameters on
+the CPU and copy them to the device without waiting (kornia 0.9's samplers, used until 2026-12-08,
+moved to the device with the module and copied each draw back: a blocking copy).
+`torch.cuda.set_sync_debug_mode("error")` turns any sync (a `.item()`, a device-to-host copy, a
+data-dependent branch) into an error naming the op.
 No CPU variant: on the CPU nothing is asynchronous (the CPU suite runs both recipes in
 tests/test_data_video_augment.py and tests/test_train.py)."""
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 # the GPU window's tests step runs this beside the kernel tests, on a python that may lack the
 # training stack: then this module skips instead of breaking the collection
 OmegaConf = pytest.importorskip("omegaconf").OmegaConf
-pytest.importorskip("kornia")
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CUDA = [pytest.param("cuda", marks=pytest.mark.gpu)] if torch.cuda.is_available() else []
 

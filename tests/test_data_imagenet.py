@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import logging
+import math
+import random
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from data import build_data, collate_skip_none
-from data.augment import BatchTransform, MixupCutmix, smooth_one_hot
+from data.augment import BatchTransform, MixupCutmix, RandomErasing, smooth_one_hot
 from data.imagenet import ImageNetFolder, random_resized_crop_box
 from data.samplers import EvalSampler, TrainSampler
 from train_helpers import make_fake_imagenet
@@ -130,15 +132,51 @@ def test_build_data_imagenet_loaders_count_skipped_files(root):
     assert sum(b[2] for b in val) == 1 and sum(len(b[0]) for b in val) == 4
 
 
-def test_moving_the_transform_leaves_kornias_samplers_on_the_cpu():
-    """kornia 0.9 moves its random samplers with the module: on a GPU each batch's parameters would
-    then be drawn there and copied back to the CPU (a host sync per batch; tests/test_data_augment_gpu.py
-    checks it on a GPU). BatchTransform keeps them on the CPU in fp32 whatever it is moved to; here the
-    move is to fp64, which kornia alone would follow."""
-    tf = BatchTransform([0.5] * 3, [0.25] * 3, num_classes=4, train=True, randaugment={"n": 2, "m": 9},
-                        random_erasing=0.5).to(torch.float64)
-    samplers = [m for m in tf.modules() if hasattr(m, "set_rng_device_and_dtype") and hasattr(m, "device")]
-    assert samplers and tf.mean.dtype == torch.float64  # random erasing's (RandAugment draws on the CPU itself)
-    assert {(m.device.type, m.dtype) for m in samplers} == {("cpu", torch.float32)}
+def timm_erasing_box(H, W, rng, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), attempts=10):
+    """timm's RandomErasing._erase box loop, written out with Python's random module: (top, left, h, w) or None."""
+    for _ in range(attempts):
+        target = rng.uniform(*scale) * H * W
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if w < W and h < H:
+            return rng.randint(0, H - h), rng.randint(0, W - w), h, w
+    return None
+
+
+def test_random_erasing_is_timms_pixel_mode():
+    """DeiT's --reprob 0.25 --remode pixel: per image with probability p one box, area U(0.02, 1/3),
+    aspect log-uniform in [0.3, 1/0.3], 10 tries to fit, filled with N(0, 1) noise per pixel and channel;
+    the box distribution matches timm's loop (20,000 draws each, on a non-square 64 x 40 image)."""
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    H, W, n = 64, 40, 20000
+    ours = RandomErasing(p=1.0).forward_parameters(torch.Size((n, 3, H, W)))
+    theirs = [timm_erasing_box(H, W, rng) for _ in range(n)]
+    top, left, h, w = ours["box"].double().unbind(1)
+    applied = ours["apply"]
+    assert abs(applied.double().mean().item() - sum(b is not None for b in theirs) / n) < 0.01
+    ref = torch.tensor([b for b in theirs if b is not None], dtype=torch.float64)
+    for name, got, want in (("area", (h * w)[applied], ref[:, 2] * ref[:, 3]),
+                            ("log aspect", (h / w).log()[applied], (ref[:, 2] / ref[:, 3]).log())):
+        for q in (0.1, 0.5, 0.9):
+            g, t = got.quantile(q).item(), want.quantile(q).item()
+            assert abs(g - t) <= 0.05 * abs(t) + 0.05, (name, q, g, t)
+    assert ((top + h <= H) & (left + w <= W) & (top >= 0) & (left >= 0))[applied].all()
+    # the fill: noise inside the box, the image untouched outside it and in images not erased
+    erasing = RandomErasing(p=0.5)
+    x = torch.full((64, 3, H, W), 7.0)
+    params = erasing.forward_parameters(x.shape)
+    out = erasing(x, params)
+    changed = out != 7.0
+    for i in range(64):
+        t0, l0, hh, ww = params["box"][i].tolist()
+        box = torch.zeros(H, W, dtype=torch.bool)
+        box[t0:t0 + hh, l0:l0 + ww] = bool(params["apply"][i])
+        assert torch.equal(changed[i], box[None].expand(3, -1, -1)), i
+    noise = out[changed]
+    assert noise.numel() > 1000 and abs(noise.mean().item()) < 0.1 and abs(noise.std().item() - 1) < 0.1
+    assert 20 < int(params["apply"].sum()) < 44  # p = 0.5 of 64
+    # a transform moved to fp64 erases in fp64 (its parameters stay CPU draws whatever it is moved to)
+    tf = BatchTransform([0.5] * 3, [0.25] * 3, num_classes=4, train=True, random_erasing=1.0).to(torch.float64)
     out, _ = tf((torch.rand(4, 3, 24, 24) * 255).to(torch.uint8), torch.tensor([0, 1, 2, 3]))
-    assert torch.isfinite(out).all()
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()

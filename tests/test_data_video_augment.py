@@ -34,10 +34,10 @@ def test_wrong_layouts_are_refused():
 
 
 def test_repeat_params_gives_every_frame_its_clips_draw():
-    params = {"widths": torch.tensor([1.0, 2.0]), "forward_input_shape": torch.tensor([2, 3, 8, 8]), "order": 0}
+    params = {"box": torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]), "group": torch.arange(2), "order": 0}
     out = repeat_params(params, batch=2, times=3)
-    assert out["widths"].tolist() == [1, 1, 1, 2, 2, 2] and out["forward_input_shape"].tolist() == [6, 3, 8, 8]
-    assert params["forward_input_shape"][0] == 2 and out["order"] == 0
+    assert out["box"].tolist() == [[1, 2, 3, 4]] * 3 + [[5, 6, 7, 8]] * 3
+    assert out["group"].tolist() == [0, 0, 0, 1, 1, 1] and out["order"] == 0 and params["group"].tolist() == [0, 1]
 
 
 def test_randaugment_erasing_and_cutmix_are_the_same_on_every_frame():
@@ -54,6 +54,8 @@ def test_randaugment_erasing_and_cutmix_are_the_same_on_every_frame():
         changed += not torch.allclose(out, plain)
     assert changed == 6
     erasing = SameOnFrames(tf.erasing.aug)
-    erased = erasing(torch.ones(8, 3, 2, 16, 16)) == 0  # (B, C, T, H, W) masks
-    assert torch.equal(erased[:, :, 0], erased[:, :, 1])
-    assert len({m.numpy().tobytes() for m in erased[:, 0, 0]}) > 1  # boxes differ between clips
+    out = erasing(torch.ones(8, 3, 2, 16, 16))  # (B, C, T, H, W): noise boxes
+    assert torch.equal(out[:, :, 0], out[:, :, 1])  # the same box and the same noise in every frame: no flicker
+    erased = out[:, 0, 0] != 1
+    assert len({m.numpy().tobytes() for m in erased}) > 1  # boxes differ between clips
+    assert not torch.equal(out[0, 0, 0][erased[0]], out[1, 0, 0][erased[0]])  # and so does their noise

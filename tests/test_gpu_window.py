@@ -150,7 +150,7 @@ def test_main_plans_refuses_without_a_gpu_and_checks_names(tmp_path, monkeypatch
 
 
 def test_tests_step_collects_on_a_python_without_the_training_stack(tmp_path):
-    """The plan's test files collect when hydra, omegaconf, kornia, wandb, ... do not import (no wheels
+    """The plan's test files collect when hydra, omegaconf, wandb, ... do not import (no wheels
     carried): the kernel tests run and the augmentation test skips, instead of a collection error
     that would cost the whole step."""
     from test_kernels_ops import TRAINING_STACK

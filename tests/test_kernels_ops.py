@@ -176,7 +176,7 @@ def test_aot_build_for_one_arch(tmp_path):
 
 # What a GPU machine's own python (no venv, no internet) may lack: kernels.validate and the kernel
 # tests must run without them (docs/KERNELS.md, "Validating on a GPU").
-TRAINING_STACK = ("hydra", "omegaconf", "wandb", "kornia", "av", "einops", "matplotlib", "PIL", "mlxtend")
+TRAINING_STACK = ("hydra", "omegaconf", "wandb", "av", "einops", "matplotlib", "PIL", "mlxtend")
 _WITHOUT_TRAINING_STACK = f"import sys; sys.modules.update(dict.fromkeys({TRAINING_STACK!r}))"
 
 

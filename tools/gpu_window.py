@@ -5,8 +5,8 @@
     python3 tools/gpu_window.py --plan                    # the steps, their caps and commands; runs nothing
 
 Made for a lent machine whose python has torch and triton but not this repo's training stack: run
-`make gpu-wheels` here first (it puts hydra-core, omegaconf, kornia, mlxtend and their missing
-dependencies in .whl/, ~9 MB) and carry `.whl`; this script installs them into a private folder
+`make gpu-wheels` here first (it puts hydra-core, omegaconf, mlxtend and their missing
+dependencies in .whl/, 1.7 MB) and carry `.whl`; this script installs them into a private folder
 (`--site`) and puts it on the steps' PYTHONPATH. W&B is not needed (the training steps log with
 logger.mode=disabled). docs/KERNELS.md, "A GPU window", says how to read what comes back.
 
@@ -66,7 +66,7 @@ def default_steps(work: Path) -> list[Step]:
     train = [PY, "train.py", "logger.mode=disabled", "+model.backend=triton", "hardware=auto"]
     gpu_tests = sorted(str(Path(p).relative_to(REPO)) for p in glob.glob(str(REPO / "tests" / "test_*.py"))
                        if Path(p).name.startswith("test_kernels_") or Path(p).stem.endswith("_gpu"))
-    stack = ("hydra", "omegaconf", "kornia", "mlxtend", "einops")
+    stack = ("hydra", "omegaconf", "mlxtend", "einops")
     # the kernel tests' time there is mostly Triton compiling ~100 specialisations, one CPU core each:
     # pytest-xdist (in the lent machine's image) spreads them over 8 processes
     parallel = ["-n", "8"] if importlib.util.find_spec("xdist") else []
