@@ -113,6 +113,8 @@ class BatchTransform(nn.Module):
     def __init__(self, mean, std, num_classes: int, train: bool, randaugment: dict | None = None,
                  random_erasing: float = 0.0, mixup: dict | None = None, label_smoothing: float = 0.0):
         super().__init__()
+        if len(mean) != len(std):  # one std for three channels would broadcast silently
+            raise ValueError(f"BatchTransform: mean has {len(mean)} values and std {len(std)}: give one per channel")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.train_mode, self.num_classes, self.label_smoothing = train, num_classes, label_smoothing

@@ -47,6 +47,28 @@ def check_num_train_digits(value) -> None:
            "so each split needs one digit of each of the 10 classes)")
 
 
+def check_sample_counts(train_samples_per_epoch, test_samples, num_train_digits: int) -> None:
+    """Positive counts, and no more test samples than test digits: a test sample per digit (with
+    more, digits would be scored twice and an error bar would count them as independent)."""
+    for key, value in (("train_samples_per_epoch", train_samples_per_epoch), ("test_samples", test_samples)):
+        expect(is_int(value) and value > 0, key, value, "must be a positive integer")
+    test_digits = 5000 - num_train_digits
+    expect(test_samples <= test_digits, "test_samples", test_samples,
+           f"is more than the {test_digits} test digits (num_train_digits={num_train_digits}): one test sample "
+           "per digit, so some would be scored twice; lower data.test_samples or data.num_train_digits")
+
+
+def class_quotas(labels: np.ndarray, total: int) -> list[int]:
+    """Training digits per class, in proportion to the class sizes and summing to `total` (largest
+    remainders get the rounding: 15 of 5,000 is 1 or 2 per class, 15 in all, not 20)."""
+    sizes = np.bincount(labels, minlength=10)
+    quota = total * sizes / sizes.sum()
+    k = np.floor(quota).astype(int)
+    order = np.argsort(-(quota - k), kind="stable")  # ties: the lower class first
+    k[order[: total - k.sum()]] += 1
+    return k.tolist()
+
+
 def split_indices(split: str, num_train_digits: int) -> np.ndarray:
     """A fixed digit split: the first `num_train_digits` digits (after one fixed, class-stratified
     shuffle) train, the rest test. Clutter comes only from digits of the same split."""
@@ -54,9 +76,8 @@ def split_indices(split: str, num_train_digits: int) -> np.ndarray:
     _, labels = load_mnist_5k()
     rng = np.random.default_rng(12345)
     train, test = [], []
-    for c in range(10):  # stratified: each class splits in the same proportion
+    for c, k in enumerate(class_quotas(labels, num_train_digits)):  # stratified: each class in proportion
         idx = rng.permutation(np.flatnonzero(labels == c))
-        k = round(num_train_digits * len(idx) / len(labels))
         train.append(idx[:k])
         test.append(idx[k:])
     # one fixed shuffle, so that any prefix (e.g. a small test set) holds every class
@@ -127,9 +148,7 @@ class ClutteredMNISTBuilder(DatasetBuilder):
         expect(is_int(self.clutter_size) and 0 < self.clutter_size <= DIGIT, "clutter_size", self.clutter_size,
                f"must be an integer in [1, {DIGIT}]")
         check_num_train_digits(self.num_train_digits)
-        for key in ("train_samples_per_epoch", "test_samples"):
-            value = getattr(self, key)
-            expect(is_int(value) and value > 0, key, value, "must be a positive integer")
+        check_sample_counts(self.train_samples_per_epoch, self.test_samples, self.num_train_digits)
 
     def build(self) -> Splits:
         common = dict(canvas_size=self.canvas_size, num_clutter=self.num_clutter, clutter_size=self.clutter_size,

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .base import DatasetBuilder, InputSpec, Splits, expect, is_int
-from .cluttered_mnist import DIGIT, check_num_train_digits, load_mnist_5k, split_indices
+from .base import DatasetBuilder, InputSpec, Splits, expect
+from .cluttered_mnist import DIGIT, check_num_train_digits, check_sample_counts, load_mnist_5k, split_indices
 
 # (dx, dy) per class: k = 0 east, counter-clockwise by 45°; y grows downwards, so "north" is dy = -1
 DIRECTIONS = np.array([(1, 0), (1, -1), (0, -1), (-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1)], dtype=np.int64)
@@ -158,9 +158,7 @@ class MovingDigitsBuilder(DatasetBuilder):
     def check(self) -> None:
         check_clip_arguments(self.num_frames, self.canvas_size, self.speed, self.num_distractors, prefix="data.")
         check_num_train_digits(self.num_train_digits)
-        for key in ("train_samples_per_epoch", "test_samples"):
-            value = getattr(self, key)
-            expect(is_int(value) and value > 0, key, value, "must be a positive integer")
+        check_sample_counts(self.train_samples_per_epoch, self.test_samples, self.num_train_digits)
         expect(isinstance(self.reverse_test, bool), "reverse_test", self.reverse_test, "must be true or false")
 
     def build(self) -> Splits:

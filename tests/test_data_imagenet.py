@@ -110,6 +110,8 @@ def test_recipe_batch_transform_on_device():
     out, target = tf(x, torch.tensor([0, 1, 2, 3]))
     assert out.shape == (4, 3, 24, 24) and out.dtype == torch.float32 and torch.isfinite(out).all()
     assert target.shape == (4, 4)
+    with pytest.raises(ValueError, match="mean has 3 values and std 1: give one per channel"):
+        BatchTransform([0.5] * 3, [0.25], num_classes=4, train=False)
     ev = BatchTransform([0.5] * 3, [0.25] * 3, num_classes=4, train=False)
     out, y = ev(x, torch.tensor([0, 1, 2, 3]))
     assert torch.allclose(out, (x.float() / 255 - 0.5) / 0.25) and y.tolist() == [0, 1, 2, 3]

@@ -25,6 +25,25 @@ def test_fixed_stratified_disjoint_split():
     assert np.bincount(labels[test]).tolist() == [100] * 10
     assert np.array_equal(train, split_indices("train", 4000))  # fixed
     assert len(set(labels[test[:50]])) == 10  # any prefix mixes the classes
+    for n in (15, 25, 4985):  # not a multiple of 10: the per-class rounding still adds up to n
+        train, test = split_indices("train", n), split_indices("test", n)
+        assert (len(train), len(test)) == (n, 5000 - n) and not set(train) & set(test)
+        assert set(np.bincount(labels[train], minlength=10).tolist()) == {n // 10, n // 10 + 1}
+
+
+def test_more_test_samples_than_test_digits_is_refused():
+    """A test canvas per digit: 1,000 test samples from 500 test digits would score each twice (and
+    the README's error bar would count 1,000 independent images)."""
+    from data.cluttered_mnist import ClutteredMNISTBuilder
+
+    ClutteredMNISTBuilder(num_train_digits=4000, test_samples=1000).check()
+    with pytest.raises(ValueError, match=r"data.test_samples=1000: is more than the 500 test digits "
+                                         r"\(num_train_digits=4500\)"):
+        ClutteredMNISTBuilder(num_train_digits=4500, test_samples=1000).check()
+    from data.moving_digits import MovingDigitsBuilder
+
+    with pytest.raises(ValueError, match=r"data.test_samples=1000: is more than the 500 test digits"):
+        MovingDigitsBuilder(num_train_digits=4500, test_samples=1000).check()
 
 
 def test_canvas_holds_the_digit_and_clutter_only_from_its_split():
