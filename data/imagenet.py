@@ -110,14 +110,21 @@ class ImageNetFolder(Dataset):
             if rng.random() < self.hflip:
                 img = img.transpose(Image.FLIP_LEFT_RIGHT)
         else:  # resize the short side to s / crop_pct (256 for 224), then centre-crop s
-            w, h = img.size
-            short = math.floor(s / self.crop_pct)
-            nw, nh = (short, round(h * short / w)) if w <= h else (round(w * short / h), short)
+            nw, nh, left, top = eval_resize_crop(*img.size, s, self.crop_pct)
             img = img.resize((nw, nh), Image.BICUBIC)
-            left, top = (nw - s) // 2, (nh - s) // 2
             img = img.crop((left, top, left + s, top + s))
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1), label
 
+
+
+def eval_resize_crop(w: int, h: int, size: int, crop_pct: float) -> tuple[int, int, int, int]:
+    """timm's evaluation transform, Resize(floor(size / crop_pct)) then CenterCrop(size), in
+    torchvision's integer arithmetic: (resized w, resized h, crop left, crop top). The long side is
+    truncated (int), the crop offsets rounded half to even (int(round(...))), as torchvision does, so
+    released weights are scored on the pixels their authors scored."""
+    short = math.floor(size / crop_pct)
+    nw, nh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    return nw, nh, int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
 
 
 @dataclass

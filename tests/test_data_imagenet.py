@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from data import build_data, collate_skip_none
 from data.augment import BatchTransform, MixupCutmix, RandomErasing, smooth_one_hot
-from data.imagenet import ImageNetFolder, random_resized_crop_box
+from data.imagenet import ImageNetFolder, eval_resize_crop, random_resized_crop_box
 from data.samplers import EvalSampler, TrainSampler
 from train_helpers import make_fake_imagenet
 
@@ -45,11 +45,15 @@ def test_eval_resize_then_centre_crop(root):
     assert x.shape == (3, 32, 32)
     assert torch.equal(x, ds[(i, 99)][0])  # evaluation is deterministic
     im = Image.open(ds.samples[i][0]).convert("RGB")
-    w, h = im.size  # short side -> floor(32 / 0.875) = 36, then the central 32 x 32
-    nw, nh = (36, round(h * 36 / w)) if w <= h else (round(w * 36 / h), 36)
-    left, top = (nw - 32) // 2, (nh - 32) // 2
+    nw, nh, left, top = eval_resize_crop(*im.size, 32, 0.875)  # short side -> floor(32 / 0.875) = 36, central 32
     im = im.resize((nw, nh), Image.BICUBIC).crop((left, top, left + 32, top + 32))
     assert torch.equal(x, torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+    # torchvision's integers (Resize: int(256 * long / short); CenterCrop: int(round(slack / 2))), worked by
+    # hand: 640 x 427 -> 383 x 256 (not 384), crop left round(79.5) = 80 (not 79); 427 x 640 the transpose;
+    # 500 x 375 -> 341 x 256, left round(58.5) = 58 (half to even)
+    assert eval_resize_crop(640, 427, 224, 0.875) == (383, 256, 80, 16)
+    assert eval_resize_crop(427, 640, 224, 0.875) == (256, 383, 16, 80)
+    assert eval_resize_crop(500, 375, 224, 0.875) == (341, 256, 58, 16)
 
 
 def test_missing_root_names_the_path(tmp_path):
