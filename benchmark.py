@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from model import count_flops, create_model, list_models
 from model.factory import accepted_arguments, model_class, model_defaults, takes_clips
-from model.memory import saved_tensor_bytes
+from model.memory import saved_bytes_per_sample
 from model.sparseformer import VARIANTS as SPARSEFORMER_VARIANTS
 from model.sparseformer import SparseFormer
 from training.logger import benchmark_run
@@ -322,6 +322,7 @@ class Runner:
         with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
             if self.mode == "train":
                 self.step(batch_size)
+                held = self.held_bytes()  # now with the gradients and optimizer state (sweep.warmup=0: new)
             with torch.profiler.record_function(MEASURED_STEP):
                 self.step(batch_size)
         results = prof.profiler.kineto_results.events()
@@ -440,8 +441,7 @@ def run_sweep(cfg: DictConfig, device: torch.device, progress: bool = True,
                 static[p]["peak_mem_mb"] = runner.peak_memory_mb(sweep.batch_size)
                 if p.mode == "train":  # activation memory: what autograd keeps for backward, per image
                     x = runner.inputs[sweep.batch_size][0]
-                    static[p]["saved_mib_per_img"] = saved_tensor_bytes(model, x, PRECISIONS[cfg.precision]) / \
-                        len(x) / 2**20
+                    static[p]["saved_mib_per_img"] = saved_bytes_per_sample(model, x, PRECISIONS[cfg.precision]) / 2**20
                 bar.update(1)
                 done[p] += 1
             except Exception as err:  # noqa: BLE001  (anything but an OOM is re-raised)
@@ -665,7 +665,8 @@ def achieved_gmacs_s(row: dict) -> float:
 def format_video_ratios(rows: list[dict], reference: str | None, gemm_peak: float | None = None) -> str:
     """Each video model's clips/s against `reference` (sweep.video.reference) at the same frames and mode,
     with the ratio of counted MACs (what the throughput ratio would be at equal efficiency) and both
-    models' achieved GMAC/s (against `gemm_peak`, this device's GEMM rate, when given)."""
+    models' achieved GMAC/s (against `gemm_peak`, this device's GEMM rate, when given) for inference:
+    the counted MACs are the forward pass's, a training step does ~3x as many."""
     ok = [r for r in _ok(rows) if r["frames"] is not None]
     ref = {(r["frames"], r["mode"]): r for r in ok if r["model"] == reference}
     peak = f" of a {gemm_peak:.0f} GMAC/s GEMM peak" if gemm_peak else ""
@@ -673,10 +674,12 @@ def format_video_ratios(rows: list[dict], reference: str | None, gemm_peak: floa
     for r in ok:
         base = ref.get((r["frames"], r["mode"]))
         if r["model"] != reference and base:
+            rate = (f"; achieved {achieved_gmacs_s(r):.1f} vs {achieved_gmacs_s(base):.1f} GMAC/s{peak}"
+                    if r["mode"] == "inference" else "")  # (forward MACs: a training step's rate would be ~3x)
             lines.append(
                 f"{r['mode']:9s} {r['frames']:3d} frames  {r['model']} ({r['tokens']} tokens) / {reference} = "
                 f"{r['throughput_img_s'] / base['throughput_img_s']:.2f}x  (MACs {base['gmacs'] / r['gmacs']:.2f}x "
-                f"fewer; achieved {achieved_gmacs_s(r):.1f} vs {achieved_gmacs_s(base):.1f} GMAC/s{peak})")
+                f"fewer{rate})")
     return "\n".join(lines)
 
 
@@ -769,7 +772,7 @@ def run_memory(cfg: DictConfig, device: torch.device, run_dir: Path) -> list[dic
         model = create_model(mem.model, backend=cfg.backend, **options).to(device)
         runner = Runner(model, "train", mem.batch_size, mem.resolution, device, cfg.precision, cfg.seed)
         x = runner.inputs[mem.batch_size][0]
-        saved = saved_tensor_bytes(model, x, PRECISIONS[cfg.precision]) / len(x) / 2**20
+        saved = saved_bytes_per_sample(model, x, PRECISIONS[cfg.precision]) / 2**20
         for _ in range(cfg.sweep.warmup):
             runner.step(mem.batch_size)
         runners[name], times[name] = runner, []

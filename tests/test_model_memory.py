@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import model
-from model.memory import saved_tensor_bytes
+from model.memory import saved_bytes_per_sample, saved_tensor_bytes
 
 TINY = dict(num_tokens=4, num_points=9, conv_dim=8, focusing_dim=16, cortex_dim=32, cortex_depth=3, num_heads=4,
             num_classes=5)
@@ -95,3 +95,14 @@ def test_activation_memory_target_for_sparseformer_t():
 def test_bad_option_values(kw, match):
     with pytest.raises(ValueError, match=match):
         model.create_model("sparseformer_nano", **TINY, **kw)
+
+
+def test_per_image_bytes_leave_out_what_the_batch_does_not_scale():
+    """Under bf16 autocast the weights' bf16 copies are saved for backward once per batch: the per-image
+    figure is the slope from batch 1, the same at batch 2 and 4 (S(B) / B was not: ~2x apart here)."""
+    m = model.create_model("sparseformer_nano", **TINY, backend="torch").train()
+    for dtype in (None, torch.bfloat16):
+        two, four = (saved_bytes_per_sample(m, torch.randn(b, 3, 32, 32), dtype) for b in (2, 4))
+        assert two == pytest.approx(four, rel=0.02), dtype
+    whole = saved_tensor_bytes(m, torch.randn(2, 3, 32, 32), torch.bfloat16) / 2
+    assert whole > 1.3 * saved_bytes_per_sample(m, torch.randn(2, 3, 32, 32), torch.bfloat16)

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 import benchmark
 from training import checkpoint as ckpt
+from training import tradeoff
 from training.tradeoff import pareto_front, training_order
 
 CONF = str(Path(benchmark.__file__).resolve().parent / "conf")
@@ -98,6 +99,30 @@ def test_pareto_front_by_hand():
             dict(top1=95, throughput_img_s=1), dict(top1=70, throughput_img_s=50)]
     front = pareto_front(rows)
     assert [(r["top1"], r["throughput_img_s"]) for r in front] == [(80, 100), (90, 10), (95, 1)]
+
+
+def test_the_drawn_front_never_passes_above_right_of_the_points(tmp_path, monkeypatch):
+    """Every corner of the plotted staircase is reached by some measured point (at least as fast and as
+    accurate): the line claims no accuracy that no model has at that speed."""
+    import matplotlib.axes
+
+    rows = [dict(model=m, setting="", throughput_img_s=x, top1=y)
+            for m, x, y in (("a", 1600.0, 76.9), ("b", 890.0, 82.4), ("c", 300.0, 94.9), ("d", 500.0, 70.0))]
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+
+    def plot(self, *args, **kwargs):
+        lines = real_plot(self, *args, **kwargs)
+        if kwargs.get("label") == "Pareto front":
+            drawn.append(lines[0].get_path().vertices)  # data coordinates, the steps included
+        return lines
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    tradeoff.plot(rows, tmp_path / "t.png", "title")
+    corners = drawn[0]
+    assert len(corners) > 3  # a staircase, not the 3 points joined
+    for x, y in corners:
+        assert any(r["throughput_img_s"] >= x - 1e-9 and r["top1"] >= y - 1e-9 for r in rows), (x, y)
 
 
 def test_training_order_puts_init_from_first_and_rejects_bad_ones():
