@@ -3,7 +3,9 @@
 - `True`: the variant's released file (the registry's first release), downloaded once into the torch
   hub cache (`$TORCH_HOME/hub/checkpoints/`, `torch.hub.get_dir()`), with a progress bar;
 - a release tag of the registry (e.g. "v1.0.0-imagenet"): that release's file, the same way;
-- a URL (http(s)://, file://): downloaded into the same cache;
+- a URL (http(s)://): downloaded into the same cache, its file name prefixed with a hash of the whole
+  URL (two runs' `.../checkpoints/last.pt`, or two repositories' `pytorch_model.bin`, never share a
+  cached file); a file:// URL is read where it is;
 - a path: that file (a train.py checkpoint, a bare state dict, or the authors' released files).
 
 A download goes to a temporary file that is renamed only when complete (`torch.hub.download_url_to_file`),
@@ -12,10 +14,12 @@ place the file at. Files are loaded weights-only (tensors and plain values, neve
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 import re
 import urllib.parse
+import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,14 +51,20 @@ def is_url(source: str) -> bool:
     return urllib.parse.urlparse(source).scheme in ("http", "https", "file", "ftp")
 
 
-def cached_path(url: str) -> Path:
-    """Where the hub cache keeps `url`: <torch hub dir>/checkpoints/<file name of the URL>."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+def cached_path(url: str, unique: bool = False) -> Path:
+    """Where the hub cache keeps `url`: <torch hub dir>/checkpoints/<file name of the URL>, the name
+    prefixed with the first 8 hex digits of the URL's sha256 when `unique` (any URL not in the registry,
+    whose file names are not unique: last.pt, pytorch_model.bin, Google Drive's `uc`)."""
+    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    if unique:
+        name = f"{hashlib.sha256(url.encode()).hexdigest()[:8]}-{name}"
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
-def download(url: str, progress: bool = True) -> Path:
-    """`url` in the hub cache, downloaded unless already there; a clear error when it cannot be."""
-    dst = cached_path(url)
+def download(url: str, progress: bool = True, unique: bool = False) -> Path:
+    """`url` in the hub cache (`cached_path`), downloaded unless already there; a clear error when it
+    cannot be."""
+    dst = cached_path(url, unique)
     if dst.is_file():
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -95,8 +105,15 @@ def check_source(source, name: str, cfg: PretrainedCfg) -> None:
 def resolve(source, name: str, cfg: PretrainedCfg, progress: bool = True) -> Path:
     """The local file that `source` names (see the module docstring), downloading if needed."""
     check_source(source, name, cfg)
-    url = release_url(source, name, cfg.releases) or (source if is_url(source) else None)
-    return download(url, progress) if url else Path(source).expanduser()
+    release = release_url(source, name, cfg.releases)
+    if release is not None:
+        return download(release, progress)
+    if is_url(source):
+        parsed = urllib.parse.urlparse(source)
+        if parsed.scheme == "file":  # a local file: read in place (a copy in the cache would go stale)
+            return Path(urllib.request.url2pathname(parsed.path))
+        return download(source, progress, unique=True)
+    return Path(source).expanduser()
 
 
 def read_checkpoint(path) -> object:

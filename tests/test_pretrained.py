@@ -174,6 +174,31 @@ def test_own_deit_weights_round_trip(tmp_path):
 def test_cached_path_and_url_detection():
     assert hub.is_url("file:///x/y.pth") and hub.is_url("https://a/b.pth") and not hub.is_url("/x/y.pth")
     assert hub.cached_path("https://host/a/b/w.pth?download=1").name == "w.pth"
+    a, b = (hub.cached_path(f"https://host/run{r}/checkpoints/last.pt", unique=True) for r in "AB")
+    assert a != b and a.name.endswith("-last.pt") and len(a.name) == len("12345678-last.pt")
+
+
+def test_urls_with_the_same_file_name_never_share_a_cached_file(hub_dir, tmp_path, monkeypatch):
+    """Two runs' .../checkpoints/last.pt by URL: each its own weights (the cache was keyed on the file
+    name alone, so the second URL got the first one's file). A file:// URL is read where it is."""
+    paths, made = {}, []
+    for run in ("runA", "runB"):
+        m = model.create_model("sparseformer_nano", num_tokens=4, num_points=4)
+        paths[run] = tmp_path / run / "checkpoints" / "last.pt"
+        paths[run].parent.mkdir(parents=True)
+        torch.save(m.state_dict(), paths[run])
+        made.append(m)
+
+    def fake_download(url, dst, progress=True):  # http(s) served from tmp_path
+        with open(dst, "wb") as f:
+            f.write((tmp_path / url.split("example.invalid/", 1)[1]).read_bytes())
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    for source in ("https://example.invalid/{}/checkpoints/last.pt", f"file://{tmp_path}/{{}}/checkpoints/last.pt"):
+        for run, expected in zip(paths, made, strict=True):
+            got = model.create_model("sparseformer_nano", num_tokens=4, num_points=4, pretrained=source.format(run))
+            assert torch.equal(got.token_embedding, expected.token_embedding), (source, run)
+    assert not any(p.name == "last.pt" for p in (hub_dir / "checkpoints").iterdir())
 
 
 def test_pretrained_ema_takes_the_ema_weights_of_our_checkpoint(tmp_path):
