@@ -264,7 +264,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Run:
     if info.is_main:
         log.info("run dir %s, world size %d, device %s\n%s", run_dir, info.world_size, info.device,
                  OmegaConf.to_yaml(cfg))
-    model = build_model(cfg, info)
+    model = build_model(cfg, info, from_checkpoint=resume_path(cfg, run_dir) is not None)
     flops = count_flops(model, data.spec.image_size, in_chans=data.spec.in_chans,  # before any RNG is set or restored
                         num_frames=data.spec.frames)  # (None for images)
     state = build_state(cfg, model, data, info, precision)
@@ -307,14 +307,18 @@ def use_checkpoint_model(cfg: DictConfig, run_dir: Path, info: dist.DistInfo,
     return path, checkpoint
 
 
-def build_model(cfg: DictConfig, info: dist.DistInfo) -> nn.Module:
+def build_model(cfg: DictConfig, info: dist.DistInfo, from_checkpoint: bool = False) -> nn.Module:
     """The configured model, with the same initial weights on every rank. With `model.pretrained`,
-    each machine's local rank 0 fetches the weights first (a download lands in the hub cache once)."""
-    fetch_first = bool(cfg.model.get("pretrained")) and info.enabled
+    each machine's local rank 0 fetches the weights first (a download lands in the hub cache once);
+    `from_checkpoint` (a resume, whose checkpoint holds the weights): model.pretrained is not read."""
+    overrides = {}
+    if from_checkpoint and cfg.model.get("pretrained"):
+        overrides = {"pretrained": False} | ({"pretrained_ema": False} if "pretrained_ema" in cfg.model else {})
+    fetch_first = bool(cfg.model.get("pretrained")) and info.enabled and not overrides
     if fetch_first and info.local_rank != 0:
         dist.barrier(info)
     torch.manual_seed(cfg.seed)
-    model = hydra.utils.instantiate(cfg.model)
+    model = hydra.utils.instantiate(cfg.model, **overrides)
     if fetch_first and info.local_rank == 0:
         dist.barrier(info)
     return model.to(info.device)

@@ -187,6 +187,24 @@ def test_eval_only_without_a_stored_ema_reports_none(tmp_path):
     assert result["top1_ema"] is None and result["top1"] == json.loads((train_dir / "result.json").read_text())["top1"]
 
 
+def test_a_fine_tune_resumes_without_its_start_weights(tmp_path):
+    """model.pretrained is where a run starts, not what it resumes: resumed, the checkpoint's weights
+    are loaded and the start file is neither read nor checked (it may be gone; pretrained=true would
+    have downloaded)."""
+    start = tmp_path / "start.pt"
+    torch.save(train_script.hydra.utils.instantiate(compose_cfg([*ARGS]).model).state_dict(), start)
+    run_dir = tmp_path / "run"
+    args = [*ARGS, f"run_dir={run_dir}", f"model.pretrained={start}"]
+    train_script.train(compose_cfg([*args, "trainer.max_steps=2"]), run_dir)
+    start.unlink()
+    cfg = compose_cfg([*args, "trainer.resume=auto", "trainer.max_steps=4"])
+    train_script.validate(cfg)  # the start file's absence is not an error now
+    train_script.train(cfg, run_dir)
+    assert json.loads((run_dir / "result.json").read_text())["step"] == 4
+    with pytest.raises(train_script.ConfigError, match="no such file"):  # a new run still needs it
+        train_script.validate(compose_cfg([*ARGS, f"run_dir={tmp_path / 'new'}", f"model.pretrained={start}"]))
+
+
 def test_eval_only_with_nothing_to_resume_is_refused(tmp_path):
     """eval-only, resume=auto, a run folder with no checkpoint (a typo): an error, not a random model's
     accuracy written as the run's result."""

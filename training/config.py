@@ -198,8 +198,21 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "logger.mode", lambda v: v in ("offline", "online", "disabled"), "must be offline, online or disabled")
     _check(cfg, "logger.log_every_steps", lambda v: _int(v) and v > 0, "must be a positive integer")
     _check(cfg, "logger.num_roi_images", lambda v: _int(v) and v >= 0, "must be an integer >= 0")
-    validate_model(cfg.model)
+    validate_model(cfg.model, weights_from_checkpoint=resumes_from_checkpoint(cfg))
     check_input_kind(cfg, builder)
+
+
+def resumes_from_checkpoint(cfg: DictConfig) -> bool:
+    """Whether the run starts from one of our checkpoints (trainer.resume=<file>, or auto with a
+    last.pt in run_dir): its weights replace model.pretrained's, which is then neither read nor checked
+    (a fine-tune resumes without its start file, and without a download for pretrained=true)."""
+    resume = _get(cfg, "trainer.resume")
+    if resume in (None, False):
+        return False
+    if resume == "auto":
+        run_dir = cfg.get("run_dir")
+        return bool(run_dir) and (Path(str(run_dir)) / "checkpoints" / "last.pt").is_file()
+    return Path(str(resume)).is_file()
 
 
 def input_kind(clips: bool) -> str:
@@ -238,10 +251,11 @@ def dataset_kinds() -> dict[str, bool]:
     return kinds
 
 
-def validate_model(cfg: DictConfig) -> None:
+def validate_model(cfg: DictConfig, weights_from_checkpoint: bool = False) -> None:
     """model._target_ names a callable; through model.create_model, the name, every override and
-    `pretrained` are checked, then the model is built on the meta device (no memory, no weights read),
-    so a value its constructor refuses (`+model.num_tokens=0`) stops here, before any rank starts."""
+    `pretrained` (unless `weights_from_checkpoint`: a resume's weights are the checkpoint's) are
+    checked, then the model is built on the meta device (no memory, no weights read), so a value its
+    constructor refuses (`+model.num_tokens=0`) stops here, before any rank starts."""
     target = cfg.get("_target_")
     if not isinstance(target, str):
         raise ConfigError(f"model._target_={target!r}: must name the model factory (model.create_model)")
@@ -252,6 +266,8 @@ def validate_model(cfg: DictConfig) -> None:
     from model.factory import check_model_args
 
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "_target_"}
+    if weights_from_checkpoint:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained", "pretrained_ema")}
     try:
         cls, model_kwargs = check_model_args(**kwargs)  # (the constructor's arguments: pretrained is not one)
         with torch.device("meta"):
