@@ -32,7 +32,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
-EMA_KEYS = ("model_ema", "ema")  # timm's, train.py's ({"module": state, "updates": n})
+EMA_KEYS = ("model_ema", "state_dict_ema", "ema")  # timm's (ModelEma, its train.py's), ours ({"module": ..})
 
 
 @dataclass(frozen=True)
@@ -159,10 +159,12 @@ def find_state_dict(obj, use_ema: bool = False) -> tuple[dict, dict | None]:
     config = obj["config"] if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
     order = EMA_KEYS + WRAPPER_KEYS if use_ema else WRAPPER_KEYS
     while isinstance(obj, dict):
-        inner = next((obj[k] for k in order if isinstance(obj.get(k), dict)), None)
-        if inner is None:
+        key = next((k for k in order if isinstance(obj.get(k), dict)), None)
+        if key is None:
             break
-        obj = inner
+        if key in EMA_KEYS and not use_ema:  # (only model_ema: a wrapper key too) the file has no raw weights
+            log.warning("the checkpoint holds its weights under %r only (an EMA): loading those", key)
+        obj = obj[key]
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint must be a state dict (or a dict wrapping one), got {type(obj).__name__}")
     state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, Tensor)}

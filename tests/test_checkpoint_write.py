@@ -102,3 +102,17 @@ def test_evaluation_buffers_are_rank_zeros(tmp_path):
     assert a["running_mean"].abs().sum() > 0
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_cuda_rng_states_restore_onto_fewer_or_more_gpus(monkeypatch):
+    """A checkpoint saved with 2 GPUs visible, resumed where 1 is (or 3 are): each device with a saved
+    state gets it back (set_rng_state_all raised IndexError on fewer)."""
+    state = checkpoint.rng_state()
+    state["cuda"] = [torch.tensor([i], dtype=torch.uint8) for i in range(2)]
+    for visible in (1, 3):
+        restored = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda v=visible: v)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i, out=restored: out.append((int(s[0]), i)))
+        checkpoint.set_rng_state(state)
+        assert restored == [(i, i) for i in range(min(2, visible))]

@@ -219,3 +219,19 @@ def test_pretrained_ema_takes_the_ema_weights_of_our_checkpoint(tmp_path):
         model.create_model("sparseformer_nano", pretrained=str(path), pretrained_ema=True, num_tokens=4, num_points=4)
     with pytest.raises(ValueError, match="pretrained_ema=true takes the EMA weights of `pretrained`"):
         model.create_model("sparseformer_nano", pretrained_ema=True)
+
+
+def test_timms_state_dict_ema_is_an_ema_and_an_ema_only_file_says_so(tmp_path, caplog):
+    """timm's train.py saves {state_dict, state_dict_ema}: pretrained_ema=true takes the second. A file
+    with only model_ema loads those weights with a warning that they are an EMA's."""
+    raw, ema = (model.create_model("sparseformer_nano", num_tokens=4, num_points=4) for _ in range(2))
+    torch.save({"state_dict": raw.state_dict(), "state_dict_ema": ema.state_dict(), "epoch": 3}, tmp_path / "t.pth")
+    for use_ema, expected in ((False, raw), (True, ema)):
+        got = model.create_model("sparseformer_nano", num_tokens=4, num_points=4, pretrained=str(tmp_path / "t.pth"),
+                                 pretrained_ema=use_ema)
+        assert torch.equal(got.token_embedding, expected.token_embedding), use_ema
+    torch.save({"model_ema": ema.state_dict()}, tmp_path / "e.pth")
+    with caplog.at_level("WARNING"):
+        got = model.create_model("sparseformer_nano", num_tokens=4, num_points=4, pretrained=str(tmp_path / "e.pth"))
+    assert torch.equal(got.token_embedding, ema.token_embedding)
+    assert "under 'model_ema' only (an EMA): loading those" in caplog.text

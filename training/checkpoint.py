@@ -110,7 +110,10 @@ def set_rng_state(state: dict) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU visible when it was saved; a resume may see fewer (another machine,
+        # CUDA_VISIBLE_DEVICES) or more: each device that has a saved state gets it back
+        for index, device_state in enumerate(list(state["cuda"])[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
 
 
 @dataclass
