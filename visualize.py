@@ -65,7 +65,10 @@ def load_model(cfg: DictConfig, overrides: list[str] = ()):
     if not path.is_file():
         raise ConfigError(f"checkpoint={str(path)!r}: no such file")
     obj = read_checkpoint(path)
-    model = load_official_checkpoint(obj, use_ema=cfg.use_ema).eval()  # ours from its stored config, or the authors'
+    try:  # ours from its stored config, or the authors'
+        model = load_official_checkpoint(obj, use_ema=cfg.use_ema).eval()
+    except ValueError as e:  # (given the dict read above, its errors say "state dict:", not which file)
+        raise ConfigError(f"checkpoint={str(path)!r}: {e}") from None
     keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
     if not is_train_checkpoint(obj):
         return model, cfg.data

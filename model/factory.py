@@ -101,7 +101,9 @@ def create_model(name: str, pretrained=False, pretrained_ema: bool = False, **ov
 
     pretrained: False; True (the authors' released weights of this variant, downloaded once into the
     torch hub cache); a release tag; a URL; or a file (a train.py checkpoint, a state dict, the
-    authors' v1/v2 files). A different num_classes re-initialises the classifier (model/hub.py).
+    authors' v1/v2 files). A different num_classes re-initialises the classifier (model/hub.py) of the
+    families with a PretrainedCfg classifier (SparseFormer, DeiT, A-ViT; a VideoSparseFormer through its
+    image variant); the others (SmallCNN, ViViT) refuse weights of another class count by shape.
     pretrained_ema: take the file's EMA weights (a train.py checkpoint's `ema`, timm's `model_ema`)
     instead of its raw ones; an error when it has none.
     A VideoSparseFormer takes the weights of its image variant (video.IMAGE_VARIANTS), inflated, or a

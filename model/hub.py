@@ -212,6 +212,9 @@ def load_pretrained(model: nn.Module, source, name: str, cfg: PretrainedCfg, pro
                     use_ema: bool = False) -> nn.Module:
     """Load the weights `source` names into `model` (any layout `cfg.filter_fn` knows, or ours); with
     `use_ema`, its EMA weights, which the file must hold."""
+    if any(p.is_meta for p in model.parameters()):  # load_state_dict would copy into nothing, with warnings
+        raise ValueError(f"{name}: pretrained weights cannot be loaded into a model on the meta device; build it "
+                         "on the CPU or a GPU (or load its state dict yourself with assign=True)")
     path = resolve(source, name, cfg, progress)
     checkpoint = read_checkpoint(path)
     if use_ema and not (isinstance(checkpoint, dict) and any(isinstance(checkpoint.get(k), dict) for k in EMA_KEYS)):

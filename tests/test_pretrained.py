@@ -235,3 +235,11 @@ def test_timms_state_dict_ema_is_an_ema_and_an_ema_only_file_says_so(tmp_path, c
         got = model.create_model("sparseformer_nano", num_tokens=4, num_points=4, pretrained=str(tmp_path / "e.pth"))
     assert torch.equal(got.token_embedding, ema.token_embedding)
     assert "under 'model_ema' only (an EMA): loading those" in caplog.text
+
+
+def test_pretrained_on_the_meta_device_is_refused(tmp_path):
+    """Built under torch.device("meta"), loading weights was a silent no-op (a warning per key, then
+    'loaded pretrained weights')."""
+    torch.save(model.create_model("sparseformer_nano", num_tokens=4, num_points=4).state_dict(), tmp_path / "w.pt")
+    with torch.device("meta"), pytest.raises(ValueError, match="cannot be loaded into a model on the meta device"):
+        model.create_model("sparseformer_nano", num_tokens=4, num_points=4, pretrained=str(tmp_path / "w.pt"))

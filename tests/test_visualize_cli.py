@@ -38,3 +38,17 @@ def test_log_goes_beside_the_run(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     assert visualize.log_dir_resolver(run / "checkpoints" / "last.pt") == str(run)
     assert visualize.log_dir_resolver(tmp_path / "sparseformer_t.pth") == str(tmp_path)
+
+
+def test_weights_of_another_model_name_the_file(tmp_path):
+    """A state dict visualize.py cannot draw (a DeiT's): the error names the file given, not 'state dict'."""
+    import torch
+    from omegaconf import OmegaConf
+
+    import model
+
+    path = tmp_path / "deit.pth"
+    torch.save(model.create_model("deit_tiny", img_size=32, patch_size=8, depth=1).state_dict(), path)
+    cfg = OmegaConf.create({"checkpoint": str(path), "use_ema": False, "data": {}})
+    with pytest.raises(visualize.ConfigError, match=rf"^checkpoint='{path}': "):
+        visualize.load_model(cfg)
