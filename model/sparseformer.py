@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ from kernels.backend import BACKENDS, resolve_backend
 
 from .hub import check_state_dict, find_state_dict, is_train_checkpoint, read_checkpoint
 from .inputs import check_dtype
+
+log = logging.getLogger(__name__)
 
 LN_EPS = 1e-6  # every LayerNorm of the model (docs/MODEL.md, "A sampling block")
 STD_EPS = 1e-7  # inside the stem's channel standardisation and the sampling-offset standardisation
@@ -865,6 +868,12 @@ def _load_official_state(state: dict, stored_config, config, overrides: dict) ->
         state = v2_to_v1_state_dict(state)
     if config is None:
         kwargs = infer_config(state)
+        widths = {k: kwargs[k] for k in ("num_tokens", "focusing_dim", "cortex_dim", "cortex_depth")}
+        released = any(all(VARIANTS[v][k] == w for k, w in widths.items()) for v in RELEASED_WEIGHTS)
+        if not released and not {"num_heads", "focusing_repeats"} <= set(overrides):
+            log.warning("these weights' widths %s match no released SparseFormer; the head count and focusing "
+                        "repeats are not in the weights and are taken as the releases' 64 and 4: pass num_heads= "
+                        "and focusing_repeats= if the weights were trained otherwise", widths)
     elif isinstance(config, str):
         kwargs = {**VARIANTS[config], "drop_path_rate": 0.0}
     elif {"num_latent_tokens", "width_configurations", "block_sizes"} & set(config):

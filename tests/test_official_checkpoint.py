@@ -163,3 +163,20 @@ def test_every_released_v2_key_and_shape_maps(released_keys, released_keys_v2, n
     assert model.sparseformer.infer_config(v2_to_v1_state_dict(state)) == {
         **{k: v for k, v in model.sparseformer.VARIANTS[name].items() if k != "drop_path_rate"},
         "num_points": 36, "conv_dim": 96, "in_chans": 3, "num_classes": 1000}  # and it is inferred from shapes
+
+
+def test_inferring_a_variant_the_authors_did_not_release_warns_about_what_the_weights_do_not_say(caplog):
+    """Heads and focusing repeats are not in the weights: a state dict of unreleased widths is built with
+    the releases' 64 and 4 and says so (nano has 8 heads: its logits would differ); given, no warning."""
+    nano = model.create_model("sparseformer_nano")
+    exported = export_official_state_dict(nano)
+    with caplog.at_level("WARNING"):
+        assert model.load_official_checkpoint(exported).cortex[0].attn.num_heads == 64
+    assert "match no released SparseFormer" in caplog.text and "num_heads=" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        same = model.load_official_checkpoint(exported, num_heads=8, focusing_repeats=nano.focusing_repeats)
+    assert "match no released" not in caplog.text
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(same.eval()(x), nano.eval()(x))
