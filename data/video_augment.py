@@ -4,9 +4,8 @@ all of its frames, so that augmentation never creates motion that is not in the 
 
 Frames are folded into the batch, (B, C, T, H, W) -> (B·T, C, H, W), and the per-sample parameters
 (data/randaugment.py's, data/augment.py's random erasing's: its box and its noise), drawn for the B
-clips, are repeated T times. Ops
-whose effect depends on the image itself (equalize, autocontrast) still see each frame's own
-histogram, with the clip's parameters.
+clips, are repeated T times. Ops whose effect depends on the image itself (equalize, autocontrast)
+still see each frame's own histogram, with the clip's parameters.
 Mixup mixes whole clips and CutMix pastes the same box in every frame (`MixupCutmix` indexes the
 last two axes, so it takes clips as they are).
 

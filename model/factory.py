@@ -78,22 +78,25 @@ def check_model_args(name: str, pretrained=False, pretrained_ema: bool = False, 
     return cls, {**defaults, **overrides}
 
 
+def _stored_state(source, name: str) -> dict:
+    """The state dict in the file or URL `source` (read to decide how it loads, before loading)."""
+    return hub.find_state_dict(hub.read_checkpoint(hub.resolve(source, name, hub.PretrainedCfg())))[0]
+
+
 def _holds_video_weights(source, name: str) -> bool:
     """Whether the file or URL `source` holds a VideoSparseFormer's state dict (6-wide tube RoIs), not
     an image SparseFormer's to inflate; the authors' releases (true, a tag) are image weights."""
     if source is True or hub.release_url(source, video.IMAGE_VARIANTS[name],
                                          _PRETRAINED[sparseformer.SparseFormer].releases) is not None:
         return False
-    state, _ = hub.find_state_dict(hub.read_checkpoint(hub.resolve(source, name, hub.PretrainedCfg())))
-    roi = state.get("token_roi") if isinstance(state, dict) else None
+    roi = _stored_state(source, name).get("token_roi")
     return roi is not None and roi.shape[-1] == 6
 
 
 def _holds_framewise_weights(source, name: str) -> bool:
     """Whether the file or URL `source` holds a FrameAveraged model's own state dict (keys under
     `image_model.`, e.g. a framewise run's last.pt), not the image model's weights to load into it."""
-    state, _ = hub.find_state_dict(hub.read_checkpoint(hub.resolve(source, name, hub.PretrainedCfg())))
-    return isinstance(state, dict) and any(str(k).startswith("image_model.") for k in state)
+    return any(str(k).startswith("image_model.") for k in _stored_state(source, name))
 
 
 def create_model(name: str, pretrained=False, pretrained_ema: bool = False, **overrides) -> nn.Module:

@@ -91,8 +91,8 @@ def inflate(image_model: SparseFormer, replicates: int = 4, **overrides) -> Vide
     offset Linear, and the temporal offset bias spread (offset_bias_init): with all t offsets equal
     the standardisation would divide by ~0. On a static clip whose sampled times stay inside the
     clip, it computes the image model's logits (tests/test_model_video.py): from T = 4R frames on
-    (16 for R = 4; 3R when P is even); on shorter clips the first and last replicates' outermost points fall outside the
-    first and last frame centres and read some zero padding (the logits differ)."""
+    (16 for R = 4; 3R when P is even); on shorter clips the first and last replicates' outermost
+    points fall outside the first and last frame centres and read some zero padding (the logits differ)."""
     if not isinstance(image_model, SparseFormer) or isinstance(image_model, VideoSparseFormer):
         raise TypeError("inflate takes an image SparseFormer (model.create_model('sparseformer_<t|s|b|nano>', ...) "
                         f"or model.load_official_checkpoint(...)), got {type(image_model).__name__}")

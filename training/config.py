@@ -171,6 +171,11 @@ def validate(cfg: DictConfig) -> None:
     if _get(cfg, "trainer.eval_only") and not cfg.model.get("pretrained") and resume is None:
         raise ConfigError("trainer.eval_only=True: needs weights to evaluate: model.pretrained=<true|file|URL> "
                           "or trainer.resume=<train.py checkpoint>")
+    if _get(cfg, "trainer.eval_only") and not cfg.model.get("pretrained") and resume == "auto" \
+            and not resumes_from_checkpoint(cfg):  # nothing but random weights to score
+        raise ConfigError(f"trainer.eval_only=true trainer.resume=auto: no checkpoint in "
+                          f"{Path(str(cfg.get('run_dir') or '<run_dir>')) / 'checkpoints'} to evaluate; give "
+                          "run_dir=<the run folder>, trainer.resume=<checkpoint file> or model.pretrained=<weights>")
 
     _check(cfg, "optim.lr", lambda v: v is None or (_num(v) and v > 0), "must be null (scaled from base_lr) or > 0")
     _check(cfg, "optim.base_lr", lambda v: _num(v) and v > 0, "must be > 0")
@@ -210,8 +215,10 @@ def resumes_from_checkpoint(cfg: DictConfig) -> bool:
     if resume in (None, False):
         return False
     if resume == "auto":
+        from .checkpoint import find_last
+
         run_dir = cfg.get("run_dir")
-        return bool(run_dir) and (Path(str(run_dir)) / "checkpoints" / "last.pt").is_file()
+        return bool(run_dir) and find_last(Path(str(run_dir))) is not None
     return Path(str(resume)).is_file()
 
 
